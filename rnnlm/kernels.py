@@ -1,0 +1,178 @@
+"""The network's arithmetic, compiled with numba: one word at a time, score then update.
+
+    s(t) = sigmoid(U[w(t)] + W s(t-1))                      hidden layer, U[w] is a row lookup
+    P(w | s) = P(c(w) | s) · P(w | c(w), s)                 frequency-class factorised output
+    P(c | s) = softmax(X s)[c]                              class layer
+    P(w | c, s) = softmax(V[c's rows] s)[w]                 words of the class only
+
+`sgd_pass` is the one learning loop of the project: training epochs, offline dynamic evaluation
+and the daemon all call it. For every word it first computes ln P(word) with the current weights,
+then (when learning) takes one SGD step on -ln P: the output weights right away, the recurrent and
+input weights by truncated back-propagation through time every `block` words, reaching `bptt`
+further steps back (the reference toolkit's -bptt / -bptt-block; bptt=0, block=1 is plain
+backpropagation, τ=1).
+
+Gradients are derived by hand (checked against torch autograd in tests/test_kernels.py); loops
+over contiguous rows let LLVM vectorise them. Weights are float32; log-probabilities float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+ERROR_CUTOFF = 15.0  # the toolkit's gradient cut-off on hidden-layer errors
+ACTIVATION_LIMIT = 50.0  # keeps exp() finite; sigmoid(±50) is 0 or 1 in float32 anyway
+
+# Fast-math without the no-NaN/no-infinity assumptions, so the finiteness check below is honoured.
+FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
+jit = njit(cache=True, fastmath=FASTMATH, nogil=True, boundscheck=False)
+
+# meta[] slots of a stream's state
+LAST_WORD, PENDING, FILLED = 0, 1, 2
+
+
+@jit
+def hidden_step(U, W, word, s_prev, s):
+    """s = sigmoid(U[word] + W s_prev)"""
+    H = s.shape[0]
+    for j in range(H):
+        a = U[word, j]
+        for i in range(H):
+            a += W[j, i] * s_prev[i]
+        a = min(max(a, -ACTIVATION_LIMIT), ACTIVATION_LIMIT)
+        s[j] = 1.0 / (1.0 + math.exp(-a))
+
+
+@jit
+def softmax_rows(M, lo, hi, s, target, p):
+    """p[k-lo] = softmax over rows lo..hi-1 of (M s); returns ln p[target-lo], computed stably."""
+    H = s.shape[0]
+    top = -np.inf
+    z_target = 0.0
+    for k in range(lo, hi):
+        z = 0.0
+        for j in range(H):
+            z += M[k, j] * s[j]
+        p[k - lo] = z
+        top = max(top, z)
+        if k == target:
+            z_target = z
+    total = 0.0
+    for i in range(hi - lo):
+        e = math.exp(p[i] - top)
+        p[i] = e
+        total += e
+    for i in range(hi - lo):
+        p[i] /= total
+    return (z_target - top) - math.log(total)
+
+
+@jit
+def softmax_rows_backward(M, lo, hi, s, target, p, lr, beta, ds):
+    """One SGD step on -ln p[target] for rows lo..hi-1 of M, adding dlnP/ds to `ds`.
+
+    d ln p[target] / d z_k = [k == target] - p_k, so row k moves by lr·g_k·s; `ds` is taken from
+    the weights before they move.
+    """
+    H = s.shape[0]
+    for k in range(lo, hi):
+        g = -p[k - lo]
+        if k == target:
+            g += 1.0
+        for j in range(H):
+            m = M[k, j]
+            ds[j] += g * m
+            M[k, j] = m + lr * (g * s[j] - beta * m)
+
+
+@jit
+def backprop_through_time(U, W, hidden, inputs, errors, steps, lr, beta, dz):
+    """Propagate the errors waiting in the window back `steps` steps, then update W and U.
+
+    Window slot k holds s(k) and the word that was its input; errors[k] is d ln P / d s(k).
+    W's gradient is Σ_k dz(k) ⊗ s(k-1); it is applied once at the end, row by row, because the
+    errors must travel back through the W that produced the states.
+    """
+    K = hidden.shape[0] - 1
+    H = W.shape[0]
+    lowest = K - steps + 1
+    for k in range(K, lowest - 1, -1):
+        for j in range(H):
+            e = min(max(errors[k, j], -ERROR_CUTOFF), ERROR_CUTOFF)
+            dz[k, j] = e * hidden[k, j] * (1.0 - hidden[k, j])  # sigmoid' = s(1-s)
+            errors[k, j] = 0.0
+        word = inputs[k]
+        for j in range(H):
+            U[word, j] += lr * dz[k, j]
+        if k > lowest:
+            for j in range(H):
+                g = dz[k, j]
+                for i in range(H):
+                    errors[k - 1, i] += g * W[j, i]
+    decay = 1.0 - lr * beta
+    for j in range(H):
+        if beta > 0.0:
+            for i in range(H):
+                W[j, i] *= decay
+        for k in range(lowest, K + 1):
+            g = lr * dz[k, j]
+            for i in range(H):
+                W[j, i] += g * hidden[k - 1, i]
+
+
+@jit
+def slide_window(hidden, inputs, errors):
+    K = hidden.shape[0] - 1
+    for k in range(K):
+        hidden[k, :] = hidden[k + 1, :]
+        errors[k, :] = errors[k + 1, :]
+        inputs[k] = inputs[k + 1]
+    errors[K, :] = 0.0
+
+
+@jit
+def sgd_pass(U, W, V, X, class_of, class_start, class_end,
+             hidden, inputs, errors, meta,
+             targets, lr, beta, bptt, block, learn, out_logp):
+    """Score each target with the current weights (ln P into out_logp), then learn from it.
+
+    hidden/inputs/errors/meta are one stream's state (see model.StreamState); they carry the
+    context from one call to the next, so a text may be fed in pieces of any size.
+    Returns how many words were learned from; a word whose ln P is not finite is not.
+    """
+    K = hidden.shape[0] - 1
+    H = W.shape[0]
+    p_class = np.empty(X.shape[0], dtype=np.float32)
+    p_word = np.empty(int(np.max(class_end - class_start)), dtype=np.float32)
+    ds = np.empty(H, dtype=np.float32)
+    dz = np.empty((K + 1, H), dtype=np.float32)
+    learned = 0
+    for t in range(targets.shape[0]):
+        target = targets[t]
+        slide_window(hidden, inputs, errors)
+        word = meta[LAST_WORD]
+        inputs[K] = word
+        hidden_step(U, W, word, hidden[K - 1], hidden[K])
+        s = hidden[K]
+        c = class_of[target]
+        lo, hi = class_start[c], class_end[c]
+        out_logp[t] = softmax_rows(X, 0, X.shape[0], s, c, p_class) + softmax_rows(V, lo, hi, s, target, p_word)
+        meta[FILLED] = min(meta[FILLED] + 1, K)
+        meta[LAST_WORD] = target
+        if not learn or not math.isfinite(out_logp[t]):
+            continue
+        learned += 1
+        ds[:] = 0.0
+        softmax_rows_backward(X, 0, X.shape[0], s, c, p_class, lr, beta, ds)
+        softmax_rows_backward(V, lo, hi, s, target, p_word, lr, beta, ds)
+        for j in range(H):
+            errors[K, j] += ds[j]
+        meta[PENDING] += 1
+        if meta[PENDING] >= block:
+            steps = min(bptt + meta[PENDING], meta[FILLED])
+            backprop_through_time(U, W, hidden, inputs, errors, steps, lr, beta, dz)
+            meta[PENDING] = 0
+    return learned

@@ -1,0 +1,162 @@
+"""The Elman network of Mikolov et al. (2010): weights, per-stream state, and the online step.
+
+Everything that learns goes through `RNNLM.step`, which calls the compiled `kernels.sgd_pass`:
+training epochs (α=0.1, truncated BPTT), offline dynamic evaluation and the daemon (α=0.01, τ=1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from . import kernels
+from .vocab import Vocabulary
+
+INITIAL_ACTIVATION = 0.1  # s(0), as in the paper
+
+
+@dataclass
+class Config:
+    hidden: int = 200
+    classes: int = 100
+    bptt: int = 4  # extra steps back in time beyond the block (toolkit's -bptt)
+    bptt_block: int = 10  # back-propagate through time every this many words
+    min_count: int = 1  # words seen fewer times merge into <rare>
+    lr: float = 0.1
+    l2: float = 1e-7
+    min_improvement: float = 1.003
+    max_epochs: int = 20
+    seed: int = 1
+    init_std: float = 0.1  # Gaussian init; the toolkit's sum of three U(-0.1, 0.1) has std 0.1
+
+    def to_state(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Config":
+        known = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in state.items() if k in known})
+
+
+@dataclass
+class Weights:
+    U: np.ndarray  # (vocab, hidden) input word -> hidden
+    W: np.ndarray  # (hidden, hidden) recurrent
+    V: np.ndarray  # (vocab, hidden) hidden -> word, rows grouped by class
+    X: np.ndarray  # (classes, hidden) hidden -> class
+
+    NAMES = ("U", "W", "V", "X")
+
+    @classmethod
+    def random(cls, vocab_size: int, hidden: int, classes: int, std: float, seed: int) -> "Weights":
+        rng = np.random.default_rng(seed)
+        def gaussian(*shape):
+            return (rng.standard_normal(shape) * std).astype(np.float32)
+        return cls(gaussian(vocab_size, hidden), gaussian(hidden, hidden), gaussian(vocab_size, hidden), gaussian(classes, hidden))
+
+    def copy(self) -> "Weights":
+        return Weights(*(np.array(getattr(self, n), copy=True) for n in self.NAMES))
+
+    def assign(self, other: "Weights") -> None:
+        """Overwrite in place (arrays shared with running code stay valid)."""
+        for n in self.NAMES:
+            np.copyto(getattr(self, n), getattr(other, n))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {n: getattr(self, n) for n in self.NAMES}
+
+    def all_finite(self) -> bool:
+        return all(np.isfinite(a).all() for a in self.arrays().values())
+
+
+class StreamState:
+    """One text stream's context: a window of recent hidden states for back-propagation in time.
+
+    The window holds `bptt + block` steps (two for plain τ=1 updates). A fresh stream starts after
+    an implicit sentence end with s(0) = 0.1, as the toolkit does.
+    """
+
+    def __init__(self, hidden: int, eos_id: int, window: int = 1):
+        self.hidden = np.full((window + 1, hidden), INITIAL_ACTIVATION, dtype=np.float32)
+        self.inputs = np.full(window + 1, eos_id, dtype=np.int32)
+        self.errors = np.zeros((window + 1, hidden), dtype=np.float32)
+        self.meta = np.zeros(3, dtype=np.int64)
+        self.meta[kernels.LAST_WORD] = eos_id
+
+    @property
+    def window(self) -> int:
+        return self.hidden.shape[0] - 1
+
+    def copy(self) -> "StreamState":
+        other = StreamState.__new__(StreamState)
+        for name in ("hidden", "inputs", "errors", "meta"):
+            setattr(other, name, getattr(self, name).copy())
+        return other
+
+
+@dataclass
+class OnlineRule:
+    """How the network learns from what it scores: rate, L2, and how far errors go back in time."""
+
+    lr: float = 0.01
+    l2: float = 0.0
+    bptt: int = 0
+    block: int = 1
+    learn: bool = True
+
+    @property
+    def window(self) -> int:
+        return self.bptt + self.block
+
+
+class RNNLM:
+    def __init__(self, config: Config, vocab: Vocabulary, weights: Weights):
+        self.config = config
+        self.vocab = vocab
+        self.weights = weights
+
+    @classmethod
+    def create(cls, config: Config, vocab: Vocabulary) -> "RNNLM":
+        weights = Weights.random(len(vocab), config.hidden, vocab.num_classes, config.init_std, config.seed)
+        return cls(config, vocab, weights)
+
+    def new_state(self, rule: OnlineRule | None = None) -> StreamState:
+        window = rule.window if rule is not None else 1
+        return StreamState(self.config.hidden, self.vocab.eos_id, window)
+
+    def step(self, ids: np.ndarray, state: StreamState, rule: OnlineRule,
+             weights: Weights | None = None) -> tuple[np.ndarray, int]:
+        """Score each id with the current weights, then (if rule.learn) update on it.
+
+        Returns ln P(id) per id and the number of updates applied (a non-finite loss is skipped).
+
+        This is the online step: training, dynamic evaluation and the daemon all come here.
+        `weights` defaults to the model's own; the daemon passes a domain's adapted copy.
+        """
+        if state.window < rule.window:
+            raise ValueError(f"stream state holds {state.window} steps, the rule needs {rule.window}")
+        w = self.weights if weights is None else weights
+        v = self.vocab
+        ids = np.ascontiguousarray(ids, dtype=np.int32)
+        out = np.empty(ids.shape[0], dtype=np.float64)
+        learned = kernels.sgd_pass(w.U, w.W, w.V, w.X, v.class_of, v.class_start, v.class_end,
+                         state.hidden, state.inputs, state.errors, state.meta,
+                         ids, np.float32(rule.lr), np.float32(rule.l2), rule.bptt, rule.block, rule.learn, out)
+        return out, learned
+
+    def score_words(self, words: list[str], state: StreamState, rule: OnlineRule,
+                    weights: Weights | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+        """ln P(word) for each word (eq. 7 applied to rare words), each word's kind, updates applied."""
+        ids, kinds = self.vocab.encode(words)
+        logp, learned = self.step(ids, state, rule, weights)
+        return logp + self.vocab.word_logprob_offset(kinds), kinds, learned
+
+    def describe(self) -> dict:
+        return {
+            "vocab_size": len(self.vocab),
+            "classes": self.vocab.num_classes,
+            "hidden": self.config.hidden,
+            "rare_words": len(self.vocab.rare_words),
+            "min_count": self.config.min_count,
+        }
