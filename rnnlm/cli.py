@@ -1,0 +1,259 @@
+"""The `rnnlm` command: train, evaluate, serve and stream."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+
+import click
+
+from .checkpoint import CheckpointError, load_model, save_model
+from .corpus import CorpusError, read_lines, read_tokens, tokenize_line
+from .evaluate import Tally, evaluate
+from .model import RNNLM, Config, OnlineRule
+from .vocab import Vocabulary
+
+EXIT_USAGE = 2  # click's own code for bad options
+
+
+def friendly_errors(command):
+    """Turn the errors a user can cause into one line and exit status 1, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (CorpusError, CheckpointError, ValueError, OSError) as err:
+            raise click.ClickException(str(err)) from None
+
+    return wrapper
+
+
+def say(message: str) -> None:
+    click.echo(message, err=True)
+
+
+class TrainProgress:
+    """A progress bar per epoch showing words/s and training entropy."""
+
+    def __init__(self):
+        self.bar = None
+        self.epoch = 0
+        self.start = 0.0
+        self.shown = 0
+
+    def __call__(self, epoch: int, done: int, total: int, tally: Tally) -> None:
+        if epoch != self.epoch:
+            self.close()
+            self.epoch, self.start, self.shown = epoch, time.perf_counter(), 0
+            self.bar = click.progressbar(length=total, file=sys.stderr, width=30)
+            self.bar.__enter__()
+        wps = done / max(time.perf_counter() - self.start, 1e-9)
+        self.bar.label = f"epoch {epoch:2d}  {wps:8,.0f} words/s  train entropy {tally.entropy_bits:5.2f} bits"
+        self.bar.update(done - self.shown)
+        self.shown = done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="rnnlm")
+def main():
+    """Recurrent neural network language models (Mikolov et al., 2010) that keep learning.
+
+    Train a model, measure its perplexity (static or dynamic), and serve it as a daemon that scores
+    text streamed over ZeroMQ while adapting to it.
+    """
+
+
+@main.command()
+@click.option("--train", "train_file", required=True, type=click.Path(dir_okay=False), help="Training text, one sentence per line.")
+@click.option("--valid", "valid_file", required=True, type=click.Path(dir_okay=False), help="Validation text for the learning-rate schedule.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Model file to write.")
+@click.option("--hidden", default=200, show_default=True, type=click.IntRange(1, 4096), help="Hidden layer size.")
+@click.option("--classes", default=100, show_default=True, type=click.IntRange(1), help="Output frequency classes (1 = full softmax).")
+@click.option("--bptt", default=4, show_default=True, type=click.IntRange(0, 64), help="Extra steps of back-propagation through time (0 = plain backprop).")
+@click.option("--bptt-block", default=10, show_default=True, type=click.IntRange(1, 64), help="Back-propagate through time every this many words.")
+@click.option("--min-count", default=1, show_default=True, type=click.IntRange(1), help="Words seen fewer times merge into the rare token (eq. 7).")
+@click.option("--lr", default=0.1, show_default=True, type=click.FloatRange(0, min_open=True), help="Initial learning rate α.")
+@click.option("--l2", default=1e-7, show_default=True, type=click.FloatRange(0), help="L2 regularisation β.")
+@click.option("--min-improvement", default=1.003, show_default=True, type=click.FloatRange(1), help="Start halving α when validation log-likelihood improves by less than this factor.")
+@click.option("--max-epochs", default=20, show_default=True, type=click.IntRange(1), help="Upper bound on epochs.")
+@click.option("--seed", default=1, show_default=True, type=int, help="Random seed for the initial weights.")
+@click.option("--threads", default=2, show_default=True, type=click.IntRange(1, 64), help="Hogwild training threads.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@friendly_errors
+def train(train_file, valid_file, out, hidden, classes, bptt, bptt_block, min_count, lr, l2, min_improvement,
+          max_epochs, seed, threads, as_json):
+    """Train a model with SGD, truncated BPTT and the halving learning-rate schedule."""
+    from .train import train as run_training
+
+    train_words, valid_words = read_tokens(train_file), read_tokens(valid_file)
+    config = Config(hidden=hidden, classes=classes, bptt=bptt, bptt_block=bptt_block, min_count=min_count,
+                    lr=lr, l2=l2, min_improvement=min_improvement, max_epochs=max_epochs, seed=seed)
+    vocab = Vocabulary.build(train_words, min_count, classes)
+    model = RNNLM.create(config, vocab)
+    say(f"vocabulary {len(vocab):,} words ({len(vocab.rare_words):,} rare merged), {vocab.num_classes} classes, "
+        f"hidden {hidden}; {len(train_words):,} training words, {threads} thread(s)")
+    bar = TrainProgress()
+
+    def on_epoch(e):
+        bar.close()
+        say(f"epoch {e.epoch:2d}  α {e.lr:.5f}  train {e.train.words_per_sec:7,.0f} words/s  "
+            f"valid perplexity {e.valid.perplexity:8.2f}" + ("" if e.kept else "  (worse: weights restored)"))
+
+    report = run_training(model, train_words, valid_words, threads, bar, on_epoch)
+    bar.close()
+    save_model(model, out)
+    best = report.best_valid
+    say(f"done in {report.seconds:.1f} s ({report.words_per_sec:,.0f} words/s), "
+        f"valid perplexity {best.perplexity:.2f}; wrote {out}")
+    if as_json:
+        click.echo(json.dumps({
+            "seconds": report.seconds,
+            "epochs": len(report.epochs),
+            "words_per_sec": report.words_per_sec,
+            "valid_perplexity": best.perplexity,
+            "history": [{"epoch": e.epoch, "lr": e.lr, "valid_perplexity": e.valid.perplexity,
+                         "train_words_per_sec": e.train.words_per_sec, "kept": e.kept} for e in report.epochs],
+        }))
+
+
+@main.command("eval")
+@click.option("--model", "model_file", required=True, type=click.Path(dir_okay=False), help="Model file from `rnnlm train`.")
+@click.option("--test", "test_file", required=True, type=click.Path(dir_okay=False), help="Text to score, one sentence per line.")
+@click.option("--dynamic", type=click.FloatRange(0, min_open=True), default=None, help="Dynamic model: learn from each word after scoring it, at this rate (the paper: 0.01).")
+@click.option("--dynamic-bptt", default=0, show_default=True, type=click.IntRange(0, 64), help="Steps of BPTT in each dynamic update (0 = plain backprop).")
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(1, 64), help="Static scoring: split the text at sentence ends across threads, each part starting fresh.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@friendly_errors
+def eval_command(model_file, test_file, dynamic, dynamic_bptt, threads, as_json):
+    """Measure perplexity on a text, static or with the dynamic model."""
+    model = load_model(model_file)
+    lines = read_lines(test_file)
+    if dynamic is not None:
+        rule = OnlineRule(lr=dynamic, bptt=dynamic_bptt)
+        tally = evaluate(model, [t for line in lines for t in tokenize_line(line)], rule, weights=model.weights.copy())
+    else:
+        tally = evaluate_static_parallel(model, lines, threads)
+    result = {"model": model_file, "test": test_file, "mode": "dynamic" if dynamic is not None else "static",
+              "dynamic_lr": dynamic, **tally.as_dict()}
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(f"{result['mode']} perplexity {tally.perplexity:.2f}  entropy {tally.entropy_bits:.4f} bits  "
+                   f"words {tally.words:,} (OOV {tally.oov:,}, rare {tally.rare:,})  {tally.words_per_sec:,.0f} words/s")
+
+
+def evaluate_static_parallel(model: RNNLM, lines: list[str], threads: int) -> Tally:
+    """Static scoring, optionally in `threads` parts; the compiled loop releases the GIL."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if threads == 1:
+        return evaluate(model, [t for line in lines for t in tokenize_line(line)])
+    parts = [lines[len(lines) * i // threads: len(lines) * (i + 1) // threads] for i in range(threads)]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        tallies = list(pool.map(lambda part: evaluate(model, [t for line in part for t in tokenize_line(line)]),
+                                [p for p in parts if p]))
+    total = Tally()
+    for t in tallies:
+        total.words += t.words
+        total.oov += t.oov
+        total.rare += t.rare
+        total.loss_nats += t.loss_nats
+    total.seconds = time.perf_counter() - start
+    return total
+
+
+@main.command()
+@click.option("--model", "model_file", default=None, type=click.Path(dir_okay=False), help="Model file (default: the bundled default model).")
+@click.option("--bind", default="tcp://127.0.0.1:5555", show_default=True, help="Request/reply endpoint (ROUTER); ipc:// works, port 0 picks a free one.")
+@click.option("--pull-bind", default=None, help="Optional fire-and-forget ingestion endpoint (PULL): score ops, no replies.")
+@click.option("--metrics-addr", default="127.0.0.1:9109", show_default=True, help="HOST:PORT of the Prometheus /metrics endpoint (port 0 picks one).")
+@click.option("--state-dir", default=None, type=click.Path(file_okay=False), help="Where checkpoints of the adapted state go; a restart resumes from the newest.")
+@click.option("--port-file", default=None, type=click.Path(dir_okay=False), help="Write the bound endpoints as JSON here once ready (for tests and supervisors).")
+@click.option("--lr", default=0.01, show_default=True, type=click.FloatRange(0, min_open=True), help="Fixed SGD rate of the online update (the dynamic model).")
+@click.option("--no-learn", is_flag=True, help="Score only; never update the weights.")
+@click.option("--checkpoint-tokens", default=100_000, show_default=True, type=click.IntRange(1), help="Checkpoint after this many scored tokens.")
+@click.option("--checkpoint-seconds", default=300.0, show_default=True, type=click.FloatRange(0.1), help="...or after this many seconds with new tokens.")
+@click.option("--keep-checkpoints", default=3, show_default=True, type=click.IntRange(1), help="Checkpoint files to keep.")
+@click.option("--max-streams", default=10_000, show_default=True, type=click.IntRange(1), help="Streams with hidden state; the least recently used is dropped beyond this.")
+@click.option("--stream-idle-seconds", default=3600.0, show_default=True, type=click.FloatRange(1), help="Drop a stream's state after this long without traffic.")
+@click.option("--max-domains", default=16, show_default=True, type=click.IntRange(1), help="Domains (sets of adapted weights).")
+@click.option("--max-tokens", default=10_000, show_default=True, type=click.IntRange(1), help="Tokens in one message.")
+@click.option("--max-message-bytes", default=1 << 20, show_default=True, type=click.IntRange(64), help="Largest frame (ZMQ_MAXMSGSIZE); a peer sending more is disconnected.")
+@click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
+@friendly_errors
+def serve(model_file, bind, pull_bind, metrics_addr, state_dir, port_file, lr, no_learn, checkpoint_tokens,
+          checkpoint_seconds, keep_checkpoints, max_streams, stream_idle_seconds, max_domains, max_tokens,
+          max_message_bytes, log_level):
+    """Run the daemon: score text streamed over ZeroMQ and keep learning from it.
+
+    Every word is scored with the current weights, then the network takes one SGD step on it at
+    --lr (0.01, the dynamic model). Runs in the foreground; SIGTERM answers what is in hand,
+    writes a checkpoint and exits 0. The wire protocol is in PROTOCOL.md.
+    """
+    import logging
+
+    from rnnlm.daemon.server import Server, ServeConfig
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    config = ServeConfig(model=model_file, bind=bind, pull_bind=pull_bind, metrics_addr=metrics_addr,
+                         state_dir=state_dir, port_file=port_file, lr=lr, learn=not no_learn,
+                         checkpoint_tokens=checkpoint_tokens, checkpoint_seconds=checkpoint_seconds,
+                         keep_checkpoints=keep_checkpoints, max_streams=max_streams,
+                         stream_idle_seconds=stream_idle_seconds, max_domains=max_domains, max_tokens=max_tokens,
+                         max_message_bytes=max_message_bytes)
+    sys.exit(Server(config).run())
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--connect", default="tcp://127.0.0.1:5555", show_default=True, help="The daemon's request endpoint.")
+@click.option("--stream", "stream_id", default="cli", show_default=True, help="Stream id (its own hidden state).")
+@click.option("--domain", default=None, help="Domain whose adapted weights are read and updated (default: the daemon's default).")
+@click.option("--no-learn", is_flag=True, help="Score only; ask the daemon not to learn from this text.")
+@click.option("--window", default=64, show_default=True, type=click.IntRange(1, 10_000), help="Requests kept in flight.")
+@click.option("--timeout", default=30.0, show_default=True, type=click.FloatRange(0.1), help="Seconds to wait for a reply.")
+@click.option("--json", "as_json", is_flag=True, help="End by printing one JSON object on stdout.")
+@friendly_errors
+def stream(file, connect, stream_id, domain, no_learn, window, timeout, as_json):
+    """Stream FILE line by line through a running daemon and show its running perplexity."""
+    from rnnlm.clients.client import Client, DaemonError, score_fields
+
+    lines = read_lines(file)
+    tally = Tally()
+    start = time.perf_counter()
+    requests = ({"op": "score", **score_fields(line, None, stream_id, domain, not no_learn)} for line in lines)
+    try:
+        with Client(connect, timeout=timeout) as client, \
+                click.progressbar(length=len(lines), file=sys.stderr, width=30, label="streaming") as bar:
+            for reply in client.pipeline(requests, window):
+                reply = client.checked(reply)
+                tally.words += reply["tokens"]
+                tally.oov += len(reply["oov"])
+                tally.rare += len(reply["rare"])
+                tally.loss_nats += reply["loss"]
+                bar.label = f"perplexity {tally.perplexity:8.2f}  {tally.words / (time.perf_counter() - start):8,.0f} words/s"
+                bar.update(1)
+    except TimeoutError as err:
+        raise click.ClickException(f"{err} (is the daemon running?)") from None
+    except DaemonError as err:
+        raise click.ClickException(f"the daemon refused the text: {err}") from None
+    tally.seconds = time.perf_counter() - start
+    result = {"endpoint": connect, "stream": stream_id, "domain": domain, "learn": not no_learn, **tally.as_dict()}
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(f"perplexity {tally.perplexity:.2f}  words {tally.words:,} (OOV {tally.oov:,})  "
+                   f"{tally.words_per_sec:,.0f} words/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Vocabulary (eq. 7), training schedule, dynamic evaluation and checkpoints on small made-up text."""
+
+import math
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from rnnlm.checkpoint import CheckpointError, load_model, save_model
+from rnnlm.evaluate import evaluate
+from rnnlm.model import RNNLM, Config, OnlineRule
+from rnnlm.train import train
+from rnnlm.vocab import KNOWN, OOV, RARE, RARE_WORD, Vocabulary
+
+
+def toy_text(sentences=200, seed=0):
+    """A tiny grammar: subject verb object, with a few rare names."""
+    rng = np.random.default_rng(seed)
+    subjects, verbs, objects = ["the cat", "a dog", "my friend"], ["sees", "likes", "eats"], ["fish", "bread", "the ball"]
+    rare = ["zorro", "quill", "xavi"]
+    lines = []
+    for i in range(sentences):
+        subject = rare[i % 3] if i % 50 == 0 else subjects[rng.integers(3)]
+        lines.append(f"{subject} {verbs[rng.integers(3)]} {objects[rng.integers(3)]}")
+    return lines
+
+
+def words_of(lines):
+    return [w for line in lines for w in line.split() + ["</s>"]]
+
+
+def test_rare_words_share_the_rare_token_and_probabilities_sum_to_one():
+    words = words_of(toy_text())
+    vocab = Vocabulary.build(words, min_count=3, num_classes=4)
+    assert vocab.rare_words == {"zorro", "quill", "xavi"}
+    assert RARE in vocab.index and "zorro" not in vocab.index
+    model = RNNLM.create(Config(hidden=8, classes=4, min_count=3), vocab)
+
+    # Every word the model can name: the kept words (not the rare token itself) and each rare word.
+    candidates = [w for w in vocab.words if w != RARE] + sorted(vocab.rare_words)
+    state = model.new_state()
+    model.score_words("the cat".split(), state, OnlineRule(learn=False))
+    total = 0.0
+    for word in candidates:
+        logp, _, _ = model.score_words([word], state.copy(), OnlineRule(learn=False))
+        total += math.exp(logp[0])
+    assert total == pytest.approx(1.0, abs=1e-5)
+
+    _, kinds = vocab.encode(["cat", "zorro", "never-seen"])
+    assert list(kinds) == [KNOWN, RARE_WORD, OOV]
+    logp, _, _ = model.score_words(["zorro"], state.copy(), OnlineRule(learn=False))
+    logp_rare_token = model.step(np.array([vocab.rare_id], np.int32), state.copy(), OnlineRule(learn=False))[0]
+    assert logp[0] == pytest.approx(logp_rare_token[0] - math.log(3), abs=1e-9)
+
+
+def test_oov_maps_to_unk_when_the_text_has_one():
+    vocab = Vocabulary.build("a b <unk> a </s>".split())
+    ids, kinds = vocab.encode(["qqq"])
+    assert ids[0] == vocab.unk_id and kinds[0] == OOV
+    assert vocab.word_logprob_offset(kinds)[0] == 0.0
+
+
+def test_classes_are_contiguous_and_follow_frequency():
+    words = words_of(toy_text(400))
+    vocab = Vocabulary.build(words, num_classes=5)
+    assert list(vocab.counts) == sorted(vocab.counts, reverse=True)
+    assert np.all(np.diff(vocab.class_of) >= 0)
+    assert vocab.class_start[0] == 0 and vocab.class_end[-1] == len(vocab)
+    # frequent words sit in smaller classes than rare ones
+    sizes = vocab.class_end - vocab.class_start
+    assert sizes[0] < sizes[-1]
+
+
+def test_learning_rate_schedule_halves_then_stops_and_never_keeps_worse_weights():
+    lines = toy_text(300)
+    words, valid = words_of(lines[:250]), words_of(lines[250:])
+    vocab = Vocabulary.build(words, num_classes=3)
+    config = Config(hidden=10, classes=3, lr=0.1, max_epochs=40, min_improvement=1.003, bptt=2, bptt_block=5)
+    model = RNNLM.create(config, vocab)
+    report = train(model, words, valid)
+    rates = [e.lr for e in report.epochs]
+    first_halved = next(i for i, r in enumerate(rates) if r < 0.1)
+    assert all(r == 0.1 for r in rates[:first_halved])
+    # from the first halving on, α halves every epoch
+    assert all(rates[i + 1] == pytest.approx(rates[i] / 2) for i in range(first_halved, len(rates) - 1))
+    assert len(report.epochs) < 40, "training must stop on its own"
+    # the final weights score validation exactly as the best kept epoch did
+    final = evaluate(model, valid)
+    assert final.loss_nats == pytest.approx(report.best_valid.loss_nats, rel=1e-9)
+    assert final.perplexity < len(vocab) / 2
+
+
+def test_dynamic_evaluation_adapts_and_beats_static_on_a_repetitive_stream():
+    lines = toy_text(300)
+    words = words_of(lines)
+    vocab = Vocabulary.build(words, num_classes=3)
+    model = RNNLM.create(Config(hidden=10, classes=3, max_epochs=3), vocab)
+    train(model, words[:600], words[600:900])
+    repetitive = words_of(["the ball eats the cat"] * 60)
+    static = evaluate(model, repetitive)
+    adapted = model.weights.copy()
+    dynamic = evaluate(model, repetitive, OnlineRule(lr=0.1), weights=adapted)
+    assert dynamic.perplexity < 0.8 * static.perplexity
+    assert not np.array_equal(adapted.V, model.weights.V)
+    assert static.words == dynamic.words == len(repetitive)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    words = words_of(toy_text())
+    model = RNNLM.create(Config(hidden=7, classes=3, min_count=2), Vocabulary.build(words, 2, 3))
+    path = tmp_path / "m.pt"
+    save_model(model, path)
+    loaded = load_model(path)
+    assert loaded.vocab.words == model.vocab.words and loaded.vocab.rare_words == model.vocab.rare_words
+    assert loaded.config == model.config
+    for name, array in model.weights.arrays().items():
+        np.testing.assert_array_equal(getattr(loaded.weights, name), array)
+    a = evaluate(model, words).loss_nats
+    b = evaluate(loaded, words).loss_nats
+    assert a == b
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"], "no temporary files left behind"
+
+
+class Boom:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+@pytest.mark.parametrize("content", ["truncated", "foreign", "pickle", "garbage"])
+def test_bad_checkpoints_are_refused(tmp_path, content):
+    path = tmp_path / "bad.pt"
+    if content == "truncated":
+        model = RNNLM.create(Config(hidden=4, classes=2), Vocabulary.build("a b c </s>".split(), 1, 2))
+        save_model(model, path)
+        path.write_bytes(path.read_bytes()[:200])
+    elif content == "foreign":
+        torch.save({"state_dict": {"w": torch.zeros(3)}}, path)
+    elif content == "pickle":
+        path.write_bytes(pickle.dumps({"format": "rnnlm-model", "x": Boom()}))
+    else:
+        path.write_bytes(b"\x00not a model at all" * 10)
+    with pytest.raises(CheckpointError):
+        load_model(path)
