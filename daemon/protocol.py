@@ -1,0 +1,114 @@
+"""The wire protocol (see PROTOCOL.md): msgpack maps in, msgpack maps out, version 1.
+
+Everything a client can get wrong is caught here and turned into a `ProtocolError` with a stable
+code; the server answers it and goes on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import msgpack
+
+VERSION = 1
+OPS = ("score", "reset", "stats", "save", "ping", "info")
+DATA_OPS = ("score",)  # the only op accepted on the fire-and-forget PULL socket
+DEFAULT_DOMAIN = "default"
+MAX_NAME = 128  # stream and domain names, in characters
+
+
+class ProtocolError(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Request:
+    op: str
+    id: object = None
+    stream: str = ""
+    domain: str = DEFAULT_DOMAIN
+    sentences: list[list[str]] | None = None  # score: words per sentence; `</s>` added to each
+    tokens: list[str] | None = None  # score: tokens as given, nothing added
+    learn: bool = True
+
+
+def decode(frame: bytes) -> dict:
+    try:
+        message = msgpack.unpackb(frame, raw=False, strict_map_key=False)
+    except UnicodeDecodeError:
+        raise ProtocolError("bad_utf8", "a string in the message is not valid UTF-8") from None
+    except Exception:
+        raise ProtocolError("bad_msgpack", "the frame is not a msgpack message") from None
+    if not isinstance(message, dict):
+        raise ProtocolError("bad_request", "a request must be a msgpack map")
+    return message
+
+
+def request_id(message) -> object:
+    """The `id` to echo, if it is a plain value (anything else is not echoed)."""
+    rid = message.get("id") if isinstance(message, dict) else None
+    return rid if isinstance(rid, (int, str, bytes, float, type(None))) else None
+
+
+def _name(message: dict, key: str, default: str | None) -> str:
+    value = message.get(key, default)
+    if value is None:
+        raise ProtocolError("bad_request", f"'{key}' is required")
+    if not isinstance(value, str) or not value or len(value) > MAX_NAME:
+        raise ProtocolError("bad_request", f"'{key}' must be a non-empty string of at most {MAX_NAME} characters")
+    return value
+
+
+def parse(message: dict, max_tokens: int) -> Request:
+    version = message.get("v", VERSION)
+    if version != VERSION:
+        raise ProtocolError("unsupported_version", f"protocol version {version!r} is not supported (this daemon speaks {VERSION})")
+    op = message.get("op")
+    if op not in OPS:
+        raise ProtocolError("unknown_op", f"unknown op {op!r}; expected one of {', '.join(OPS)}")
+    request = Request(op=op, id=request_id(message))
+    if op in ("score", "reset"):
+        request.stream = _name(message, "stream", None)
+        request.domain = _name(message, "domain", DEFAULT_DOMAIN)
+    if op == "score":
+        learn = message.get("learn", True)
+        if not isinstance(learn, bool):
+            raise ProtocolError("bad_request", "'learn' must be true or false")
+        request.learn = learn
+        _parse_text(message, request, max_tokens)
+    return request
+
+
+def _parse_text(message: dict, request: Request, max_tokens: int) -> None:
+    text, tokens = message.get("text"), message.get("tokens")
+    if (text is None) == (tokens is None):
+        raise ProtocolError("bad_request", "a score request carries exactly one of 'text' or 'tokens'")
+    if text is not None:
+        if not isinstance(text, str):
+            raise ProtocolError("bad_request", "'text' must be a string")
+        request.sentences = [line.split() for line in text.split("\n") if line.strip()]
+        count = sum(len(s) + 1 for s in request.sentences)
+    else:
+        if not isinstance(tokens, list) or not all(isinstance(t, str) and t and not any(c.isspace() for c in t) for t in tokens):
+            raise ProtocolError("bad_request", "'tokens' must be a list of non-empty strings without whitespace")
+        request.tokens = tokens
+        count = len(tokens)
+    if count == 0:
+        raise ProtocolError("empty_text", "there is nothing to score")
+    if count > max_tokens:
+        raise ProtocolError("too_many_tokens", f"{count} tokens in one message; the limit is {max_tokens}")
+
+
+def encode(reply: dict) -> bytes:
+    return msgpack.packb(reply, use_bin_type=True)
+
+
+def ok(request_id, **fields) -> dict:
+    return {"v": VERSION, "id": request_id, "ok": True, **fields}
+
+
+def error(request_id, code: str, message: str) -> dict:
+    return {"v": VERSION, "id": request_id, "ok": False, "error": {"code": code, "message": message}}

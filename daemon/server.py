@@ -1,0 +1,323 @@
+"""The long-running process: startup → main loop → shutdown, signals handled in one place.
+
+One thread owns the sockets and the Learner, so every update is applied in arrival order and no
+lock is needed. Messages are drained from the sockets into an in-hand queue (its length is the
+queue-depth metric), handled one by one, and answered. SIGTERM or SIGINT stops the intake; what is
+in hand is answered, a checkpoint is written, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+
+from rnnlm.checkpoint import CheckpointError, VERSION, load_model, read_checked, write_atomic
+from rnnlm.model import OnlineRule
+
+from . import protocol
+from .learner import STATE_FORMAT, Learner, base_model_of, token_flags
+from .metrics import Metrics
+from .protocol import ProtocolError
+
+log = logging.getLogger("rnnlm.daemon")
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "rnnlm" / "data" / "default.pt"
+
+
+@dataclass
+class ServeConfig:
+    model: str | None = None  # None: the bundled default model
+    bind: str = "tcp://127.0.0.1:5555"
+    pull_bind: str | None = None  # fire-and-forget ingestion (score with no reply)
+    metrics_addr: str = "127.0.0.1:9109"
+    state_dir: str | None = None
+    port_file: str | None = None
+    lr: float = 0.01
+    learn: bool = True
+    checkpoint_tokens: int = 100_000
+    checkpoint_seconds: float = 300.0
+    keep_checkpoints: int = 3
+    max_streams: int = 10_000
+    max_domains: int = 16
+    stream_idle_seconds: float = 3600.0
+    max_tokens: int = 10_000  # per message
+    max_message_bytes: int = 1 << 20  # ZMQ_MAXMSGSIZE: bigger frames drop the peer
+    max_in_hand: int = 1_000  # messages drained from the sockets before handling
+
+
+class Server:
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        self.should_exit = False
+        self.metrics = Metrics()
+        self.in_hand: deque = deque()
+        self.tokens_since_checkpoint = 0
+        self.last_checkpoint = time.monotonic()
+        self.checkpoint_seq = 0
+        self.lru_evictions_reported = 0
+        self.exit_code = 0
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self.startup()
+        try:
+            self.main_loop()
+        finally:
+            self.shutdown()
+        return self.exit_code
+
+    def startup(self) -> None:
+        cfg = self.config
+        self.learner = self.load_learner()
+        model = self.learner.model
+        self.metrics.info.info({k: str(v) for k, v in {**model.describe(), "lr": cfg.lr, "learning": cfg.learn}.items()})
+        self.ctx = zmq.Context()
+        self.router = self.bind(zmq.ROUTER, cfg.bind)
+        self.pull = self.bind(zmq.PULL, cfg.pull_bind) if cfg.pull_bind else None
+        self.poller = zmq.Poller()
+        self.poller.register(self.router, zmq.POLLIN)
+        if self.pull is not None:
+            self.poller.register(self.pull, zmq.POLLIN)
+        self.http = self.metrics.serve(cfg.metrics_addr)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.handle_exit)
+        endpoints = {
+            "endpoint": self.router.getsockopt_string(zmq.LAST_ENDPOINT),
+            "pull_endpoint": self.pull.getsockopt_string(zmq.LAST_ENDPOINT) if self.pull else None,
+            "metrics": f"http://{cfg.metrics_addr.rpartition(':')[0]}:{self.http.server_port}/metrics",
+            "pid": os.getpid(),
+        }
+        if cfg.port_file:
+            write_text_atomic(cfg.port_file, json.dumps(endpoints) + "\n")
+        self.update_gauges()
+        log.info("ready: %s; metrics %s; model %s (%s)", endpoints["endpoint"], endpoints["metrics"],
+                 cfg.model or "bundled default", ", ".join(f"{k} {v}" for k, v in model.describe().items()))
+
+    def bind(self, kind: int, endpoint: str) -> zmq.Socket:
+        socket = self.ctx.socket(kind)
+        socket.setsockopt(zmq.LINGER, 2000)  # give replies in flight a moment at shutdown
+        socket.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
+        try:
+            socket.bind(endpoint)
+        except zmq.ZMQError as err:
+            socket.close(0)
+            raise ValueError(f"cannot bind {endpoint}: {err}") from None
+        return socket
+
+    def handle_exit(self, signum, frame) -> None:
+        log.info("received %s: finishing what is in hand", signal.Signals(signum).name)
+        self.should_exit = True
+
+    def main_loop(self) -> None:
+        next_sweep = time.monotonic() + 10.0
+        while not self.should_exit:
+            ready = dict(self.poller.poll(100))
+            self.receive(ready)
+            self.handle_in_hand()
+            self.maybe_checkpoint()
+            if time.monotonic() >= next_sweep:
+                self.metrics.evicted.labels("idle").inc(self.learner.expire_idle())
+                next_sweep = time.monotonic() + 10.0
+            self.update_gauges()
+
+    def shutdown(self) -> None:
+        # Answer what has already arrived, then stop.
+        self.receive({self.router: zmq.POLLIN, **({self.pull: zmq.POLLIN} if self.pull else {})})
+        self.handle_in_hand()
+        try:
+            if self.config.state_dir and self.checkpoint("shutdown") is None:
+                self.exit_code = 1
+        finally:
+            self.router.close()
+            if self.pull is not None:
+                self.pull.close()
+            self.ctx.term()
+            self.http.shutdown()
+            log.info("stopped")
+
+    # --- messages ------------------------------------------------------------------------------
+
+    def receive(self, ready: dict) -> None:
+        for socket in (self.router, self.pull):
+            if socket is None or socket not in ready:
+                continue
+            while len(self.in_hand) < self.config.max_in_hand:
+                try:
+                    frames = socket.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self.in_hand.append((socket, frames))
+        self.metrics.queue_depth.set(len(self.in_hand))
+
+    def handle_in_hand(self) -> None:
+        while self.in_hand:
+            socket, frames = self.in_hand.popleft()
+            reply = self.handle(frames[-1], socket is self.pull)
+            if socket is self.router:
+                self.router.send_multipart([*frames[:-1], protocol.encode(reply)])
+        self.metrics.queue_depth.set(0)
+
+    def handle(self, frame: bytes, fire_and_forget: bool = False) -> dict:
+        start = time.perf_counter()
+        op, rid = "invalid", None
+        socket_label = "pull" if fire_and_forget else "router"
+        try:
+            message = protocol.decode(frame)
+            rid = protocol.request_id(message)
+            op = message.get("op") if message.get("op") in protocol.OPS else "unknown"
+            request = protocol.parse(message, self.config.max_tokens)
+            if fire_and_forget and op not in protocol.DATA_OPS:
+                raise ProtocolError("wrong_socket", f"'{op}' is a control op; send it to the request socket")
+            reply = getattr(self, f"op_{op}")(request)
+            outcome = "ok"
+        except ProtocolError as err:
+            reply, outcome = protocol.error(rid, err.code, err.message), err.code
+        except Exception as err:  # a bug must not take the daemon down; say so and go on
+            log.exception("internal error handling %s", op)
+            reply, outcome = protocol.error(rid, "internal", f"internal error: {type(err).__name__}"), "internal"
+        self.metrics.messages.labels(socket_label, op, outcome).inc()
+        self.metrics.duration.labels(op).observe(time.perf_counter() - start)
+        return reply
+
+    def op_score(self, request: protocol.Request) -> dict:
+        result = self.learner.score(request)
+        m, d = self.metrics, request.domain
+        n, loss = len(result.words), -float(result.logprobs.sum())
+        oov, rare = token_flags(result.kinds)
+        m.tokens.labels(d).inc(n)
+        m.loss.labels(d).inc(loss)
+        m.oov.labels(d).inc(len(oov))
+        m.rare.labels(d).inc(len(rare))
+        m.perplexity.labels(d).set(result.domain.tally.perplexity)
+        if result.applied:
+            m.updates.labels(d, "applied").inc(result.applied)
+        if result.skipped:
+            m.updates.labels(d, "skipped").inc(result.skipped)
+        self.tokens_since_checkpoint += n
+        return protocol.ok(
+            request.id,
+            logprobs=result.logprobs.tolist(),
+            tokens=n,
+            oov=oov,
+            rare=rare,
+            loss=loss,
+            stream_perplexity=result.stream.tally.perplexity,
+            stream_tokens=result.stream.tally.words,
+            updates=result.domain.updates,
+            learned=result.applied,
+        )
+
+    def op_reset(self, request: protocol.Request) -> dict:
+        return protocol.ok(request.id, existed=self.learner.reset(request.domain, request.stream))
+
+    def op_stats(self, request: protocol.Request) -> dict:
+        return protocol.ok(request.id, **self.learner.stats(), seconds_since_checkpoint=time.monotonic() - self.last_checkpoint)
+
+    def op_save(self, request: protocol.Request) -> dict:
+        if not self.config.state_dir:
+            raise ProtocolError("no_state_dir", "the daemon runs without --state-dir, so there is nowhere to save")
+        path = self.checkpoint("requested")
+        if path is None:
+            raise ProtocolError("checkpoint_failed", "the checkpoint could not be written; see the daemon's log")
+        return protocol.ok(request.id, path=str(path))
+
+    def op_ping(self, request: protocol.Request) -> dict:
+        return protocol.ok(request.id, pong=True)
+
+    def op_info(self, request: protocol.Request) -> dict:
+        cfg = self.config
+        return protocol.ok(request.id, protocol=protocol.VERSION, model=cfg.model or "bundled default",
+                           **self.learner.model.describe(), lr=cfg.lr, learning=cfg.learn,
+                           max_tokens=cfg.max_tokens, max_message_bytes=cfg.max_message_bytes,
+                           eos="</s>", logprob_base="e")
+
+    # --- state ---------------------------------------------------------------------------------
+
+    def load_learner(self) -> Learner:
+        cfg = self.config
+        rule = OnlineRule(lr=cfg.lr, learn=cfg.learn)
+        saved = self.latest_state()
+        if saved is not None:
+            path, payload = saved
+            model = base_model_of(payload, str(path))
+            if cfg.model is not None and not same_model(model, load_model(cfg.model)):
+                raise CheckpointError(f"{path} continues a different model than {cfg.model}; "
+                                      "use another --state-dir to start fresh")
+            learner = Learner(model, rule, cfg.max_streams, cfg.max_domains, cfg.stream_idle_seconds)
+            learner.restore(payload, str(path))
+            self.checkpoint_seq = int(path.stem.split("-")[-1])
+            log.info("resumed from %s: %d domain(s), %d stream(s)", path, len(learner.domains), len(learner.streams))
+        else:
+            model = load_model(cfg.model or DEFAULT_MODEL)
+            learner = Learner(model, rule, cfg.max_streams, cfg.max_domains, cfg.stream_idle_seconds)
+        return learner
+
+    def checkpoint_files(self) -> list[Path]:
+        if not self.config.state_dir:
+            return []
+        return sorted(Path(self.config.state_dir).glob("state-*.pt"))
+
+    def latest_state(self) -> tuple[Path, dict] | None:
+        """The newest checkpoint that reads back whole; older ones if the newest is damaged."""
+        for path in reversed(self.checkpoint_files()):
+            try:
+                return path, read_checked(path, STATE_FORMAT)
+            except CheckpointError as err:
+                log.warning("skipping %s", err)
+        return None
+
+    def maybe_checkpoint(self) -> None:
+        cfg = self.config
+        due_tokens = self.tokens_since_checkpoint >= cfg.checkpoint_tokens
+        due_time = time.monotonic() - self.last_checkpoint >= cfg.checkpoint_seconds and self.tokens_since_checkpoint
+        if due_tokens or due_time:
+            self.checkpoint("scheduled")
+
+    def checkpoint(self, why: str) -> Path | None:
+        if not self.config.state_dir:
+            return None
+        self.checkpoint_seq += 1
+        path = Path(self.config.state_dir) / f"state-{self.checkpoint_seq:08d}.pt"
+        start = time.perf_counter()
+        try:
+            write_atomic(path, {"format": STATE_FORMAT, "version": VERSION, **self.learner.to_payload()})
+        except OSError as err:
+            self.metrics.checkpointed(False)
+            log.error("checkpoint failed: %s", err)
+            return None
+        self.metrics.checkpointed(True)
+        self.tokens_since_checkpoint = 0
+        self.last_checkpoint = time.monotonic()
+        for old in self.checkpoint_files()[:-self.config.keep_checkpoints]:
+            old.unlink(missing_ok=True)
+        log.info("checkpoint %s (%s, %.0f ms)", path, why, 1000 * (time.perf_counter() - start))
+        return path
+
+    def update_gauges(self) -> None:
+        self.metrics.streams.set(len(self.learner.streams))
+        self.metrics.domains.set(len(self.learner.domains))
+        lru = self.learner.evicted["lru"]
+        if lru > self.lru_evictions_reported:
+            self.metrics.evicted.labels("lru").inc(lru - self.lru_evictions_reported)
+            self.lru_evictions_reported = lru
+
+
+def same_model(a, b) -> bool:
+    return a.vocab.words == b.vocab.words and all(
+        (x == y).all() for x, y in zip(a.weights.arrays().values(), b.weights.arrays().values()))
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
