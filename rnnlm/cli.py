@@ -128,7 +128,7 @@ def train(train_file, valid_file, out, hidden, classes, bptt, bptt_block, min_co
 @click.option("--model", "model_file", required=True, type=click.Path(dir_okay=False), help="Model file from `rnnlm train`.")
 @click.option("--test", "test_file", required=True, type=click.Path(dir_okay=False), help="Text to score, one sentence per line.")
 @click.option("--dynamic", type=click.FloatRange(0, min_open=True), default=None, help="Dynamic model: learn from each word after scoring it, at this rate (the paper: 0.01).")
-@click.option("--dynamic-bptt", default=0, show_default=True, type=click.IntRange(0, 64), help="Steps of BPTT in each dynamic update (0 = plain backprop).")
+@click.option("--dynamic-bptt", default=OnlineRule.bptt, show_default=True, type=click.IntRange(0, 64), help="Extra steps back in time in each dynamic update (0 = plain backprop).")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(1, 64), help="Static scoring: split the text at sentence ends across threads, each part starting fresh.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @friendly_errors
