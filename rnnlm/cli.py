@@ -125,29 +125,142 @@ def train(train_file, valid_file, out, hidden, classes, bptt, bptt_block, min_co
 
 
 @main.command("eval")
-@click.option("--model", "model_file", required=True, type=click.Path(dir_okay=False), help="Model file from `rnnlm train`.")
+@click.option("--model", "model_files", multiple=True, type=click.Path(dir_okay=False), help="Model file from `rnnlm train`; repeat to mix several.")
 @click.option("--test", "test_file", required=True, type=click.Path(dir_okay=False), help="Text to score, one sentence per line.")
-@click.option("--dynamic", type=click.FloatRange(0, min_open=True), default=None, help="Dynamic model: learn from each word after scoring it, at this rate (the paper: 0.01).")
+@click.option("--ngram", "ngram_file", default=None, type=click.Path(dir_okay=False), help="ARPA backoff model (e.g. from `rnnlm ngram build`) to interpolate with, or to score alone.")
+@click.option("--ngram-weight", type=click.FloatRange(0, 1), default=None, help="Weight of the --ngram model (default 0.25 with RNN models); the RNNs share the rest equally.")
+@click.option("--weights", "weights_text", default=None, metavar="W1,W2,...", help="Mixture weights, one per --model in order, then the n-gram's; they sum to 1.")
+@click.option("--tune-on", "tune_file", default=None, type=click.Path(dir_okay=False), help="Tune the mixture weights by EM on this validation text first.")
+@click.option("--dynamic", type=click.FloatRange(0, min_open=True), default=None, help="Dynamic model: learn from each word after scoring it, at this rate (the paper: 0.01); applies to every RNN model.")
 @click.option("--dynamic-bptt", default=OnlineRule.bptt, show_default=True, type=click.IntRange(0, 64), help="Extra steps back in time in each dynamic update (0 = plain backprop).")
-@click.option("--threads", default=1, show_default=True, type=click.IntRange(1, 64), help="Static scoring: split the text at sentence ends across threads, each part starting fresh.")
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(1, 64), help="Static scoring of one model: split the text at sentence ends across threads, each part starting fresh.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @friendly_errors
-def eval_command(model_file, test_file, dynamic, dynamic_bptt, threads, as_json):
-    """Measure perplexity on a text, static or with the dynamic model."""
+def eval_command(model_files, test_file, ngram_file, ngram_weight, weights_text, tune_file, dynamic, dynamic_bptt,
+                 threads, as_json):
+    """Measure perplexity on a text, static or with the dynamic model, of one model or a mixture.
+
+    Several --model files and an --ngram ARPA model are interpolated word by word,
+    P(w) = Σ λ_c P_c(w), over one event space (see rnnlm.mixture for how their vocabularies are
+    reconciled). Weights: --weights, or --ngram-weight (RNNs share the rest), or tuned by EM
+    with --tune-on; by default 0.25 for the n-gram and equal shares otherwise.
+    """
+    if not model_files and not ngram_file:
+        raise click.UsageError("give at least one --model or an --ngram model")
+    rule = OnlineRule(lr=dynamic, bptt=dynamic_bptt) if dynamic is not None else None
+    _need_files(ngram_file, tune_file)
+    mixing = len(model_files) > 1 or ngram_file or weights_text or tune_file or ngram_weight is not None
+    if not mixing:
+        result = _eval_single(model_files[0], test_file, rule, threads)
+    else:
+        result = _eval_mixture(model_files, ngram_file, ngram_weight, weights_text, tune_file, test_file, rule)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(f"{result['mode']} perplexity {result['perplexity']:.2f}  entropy {result['entropy_bits']:.4f} bits  "
+               f"words {result['words']:,} (OOV {result['oov']:,}, rare {result['rare']:,})  "
+               f"{result['words_per_sec']:,.0f} words/s")
+    if mixing:
+        for part in result["components"]:
+            ppl = "inf" if part["perplexity"] is None else f"{part['perplexity']:.2f}"
+            mode = "dynamic" if part["dynamic"] else "static"
+            click.echo(f"  weight {part['weight']:.4f}  {part['kind']:5s} {mode:7s}  perplexity {ppl:>8s}  "
+                       f"OOV {part['oov']:,}  {part['name']}")
+
+
+def _eval_single(model_file: str, test_file: str, rule: OnlineRule | None, threads: int) -> dict:
+    """One RNN model: the original `rnnlm eval` (the static case may use several threads)."""
     model = load_model(model_file)
     lines = read_lines(test_file)
-    if dynamic is not None:
-        rule = OnlineRule(lr=dynamic, bptt=dynamic_bptt)
+    if rule is not None:
         tally = evaluate(model, [t for line in lines for t in tokenize_line(line)], rule, weights=model.weights.copy())
     else:
         tally = evaluate_static_parallel(model, lines, threads)
-    result = {"model": model_file, "test": test_file, "mode": "dynamic" if dynamic is not None else "static",
-              "dynamic_lr": dynamic, **tally.as_dict()}
-    if as_json:
-        click.echo(json.dumps(result))
-    else:
-        click.echo(f"{result['mode']} perplexity {tally.perplexity:.2f}  entropy {tally.entropy_bits:.4f} bits  "
-                   f"words {tally.words:,} (OOV {tally.oov:,}, rare {tally.rare:,})  {tally.words_per_sec:,.0f} words/s")
+    mode = "dynamic" if rule is not None else "static"
+    return {"model": model_file, "models": [model_file], "ngram": None, "test": test_file, "mode": mode,
+            "dynamic_lr": rule.lr if rule else None, **tally.as_dict(), "weights": [1.0],
+            "components": [{"name": model_file, "kind": "rnn", "dynamic": rule is not None, "weight": 1.0,
+                            "perplexity": tally.perplexity, "oov": tally.oov, "rare": tally.rare}]}
+
+
+def _eval_mixture(model_files, ngram_file, ngram_weight, weights_text, tune_file, test_file, rule) -> dict:
+    """Several models interpolated per word, weights given or tuned by EM on a validation text."""
+    if tune_file and (weights_text or ngram_weight is not None):
+        raise click.UsageError("--tune-on finds the weights itself; leave out --weights and --ngram-weight")
+    mixture = _build_mixture(model_files, ngram_file, weights_text, ngram_weight, rule)
+    tuning = None
+    if tune_file:
+        em = mixture.tune(read_tokens(tune_file))
+        say(f"tuned on {tune_file}: weights {', '.join(f'{w:.4f}' for w in mixture.weights)} "
+            f"({em.iterations} EM iterations, perplexity there {em.perplexity:.2f})")
+        tuning = {"file": tune_file, "iterations": em.iterations, "perplexity": em.perplexity}
+    tokens = read_tokens(test_file)
+    score = mixture.score(tokens)
+    mode = "dynamic" if rule is not None else "static"
+    result = {"models": list(model_files), "ngram": ngram_file, "test": test_file, "mode": mode,
+              "dynamic_lr": rule.lr if rule else None, **score.tally.as_dict(), "skipped": score.skipped,
+              "weights": score.weights.tolist(), "tuning": tuning,
+              "components": [{k: _finite(v) for k, v in part.items()} for part in score.components]}
+    if len(model_files) == 1:
+        result["model"] = model_files[0]
+    return result
+
+
+def _need_files(*paths) -> None:
+    """A missing input file as one clear line (the way read_lines and load_model say it)."""
+    from pathlib import Path
+
+    for path in paths:
+        if path is not None and not Path(path).is_file():
+            raise click.ClickException(f"{path}: no such file")
+
+
+def _finite(value):
+    """JSON has no infinity: a non-finite number becomes null."""
+    import math
+
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _build_mixture(model_files, ngram_file, weights_text, ngram_weight, rule):
+    """Load the components (RNNs first, in order, then the n-gram) and set the weights."""
+    from .mixture import Mixture, NGramComponent, RNNComponent
+    from .ngram import read_arpa
+
+    components = [RNNComponent(load_model(path), path, rule) for path in model_files]
+    if ngram_file:
+        start = time.perf_counter()
+        lm = read_arpa(ngram_file)
+        say(f"loaded {ngram_file}: order {lm.order}, {sum(lm.counts):,} n-grams ({time.perf_counter() - start:.1f} s)")
+        components.append(NGramComponent(lm, ngram_file))
+    weights = _mixture_weights(weights_text, ngram_weight, len(model_files), bool(ngram_file))
+    return Mixture(components, weights)
+
+
+def _mixture_weights(weights_text, ngram_weight, rnn_count: int, has_ngram: bool) -> list[float]:
+    """--weights as given; else the n-gram gets --ngram-weight (default 0.25) and the RNNs share the rest."""
+    count = rnn_count + has_ngram
+    if weights_text is not None:
+        if ngram_weight is not None:
+            raise click.UsageError("give --weights or --ngram-weight, not both")
+        try:
+            weights = [float(w) for w in weights_text.split(",")]
+        except ValueError:
+            raise click.UsageError(f"--weights {weights_text!r}: expected numbers separated by commas") from None
+        if len(weights) != count:
+            raise click.UsageError(f"--weights has {len(weights)} numbers for {count} models "
+                                   "(one per --model, then one for --ngram)")
+        return weights
+    if ngram_weight is not None and not has_ngram:
+        raise click.UsageError("--ngram-weight needs an --ngram model")
+    if not has_ngram:
+        return [1.0 / count] * count
+    if rnn_count == 0:
+        if ngram_weight not in (None, 1.0):
+            raise click.UsageError("--ngram-weight needs a --model to mix the n-gram with")
+        return [1.0]
+    kn = 0.25 if ngram_weight is None else ngram_weight
+    return [(1.0 - kn) / rnn_count] * rnn_count + [kn]
 
 
 def evaluate_static_parallel(model: RNNLM, lines: list[str], threads: int) -> Tally:
@@ -221,27 +334,35 @@ def serve(model_file, bind, pull_bind, metrics_addr, state_dir, port_file, lr, n
 @click.option("--no-learn", is_flag=True, help="Score only; ask the daemon not to learn from this text.")
 @click.option("--window", default=64, show_default=True, type=click.IntRange(1, 10_000), help="Requests kept in flight.")
 @click.option("--timeout", default=30.0, show_default=True, type=click.FloatRange(0.1), help="Seconds to wait for a reply.")
+@click.option("--every", default=0, type=click.IntRange(0), help="Also print the perplexity of each span of this many lines.")
 @click.option("--json", "as_json", is_flag=True, help="End by printing one JSON object on stdout.")
 @friendly_errors
-def stream(file, connect, stream_id, domain, no_learn, window, timeout, as_json):
+def stream(file, connect, stream_id, domain, no_learn, window, timeout, every, as_json):
     """Stream FILE line by line through a running daemon and show its running perplexity."""
     from rnnlm.clients.client import Client, DaemonError, score_fields
 
     lines = read_lines(file)
-    tally = Tally()
+    tally, span = Tally(), Tally()
+    done, span_start = 0, 1
     start = time.perf_counter()
     requests = ({"op": "score", **score_fields(line, None, stream_id, domain, not no_learn)} for line in lines)
+    # With --every, one line per span replaces the progress bar.
+    bar = click.progressbar(length=len(lines), file=sys.stderr, width=30, label="streaming", hidden=bool(every))
     try:
-        with Client(connect, timeout=timeout) as client, \
-                click.progressbar(length=len(lines), file=sys.stderr, width=30, label="streaming") as bar:
+        with Client(connect, timeout=timeout) as client, bar:
             for reply in client.pipeline(requests, window):
                 reply = client.checked(reply)
-                tally.words += reply["tokens"]
-                tally.oov += len(reply["oov"])
+                done += 1
+                for t in (tally, span):
+                    t.words += reply["tokens"]
+                    t.oov += len(reply["oov"])
+                    t.loss_nats += reply["loss"]
                 tally.rare += len(reply["rare"])
-                tally.loss_nats += reply["loss"]
                 bar.label = f"perplexity {tally.perplexity:8.2f}  {tally.words / (time.perf_counter() - start):8,.0f} words/s"
                 bar.update(1)
+                if every and (done % every == 0 or done == len(lines)):
+                    say(f"lines {span_start:>6,}-{done:<6,}  perplexity {span.perplexity:8.2f}   running {tally.perplexity:8.2f}")
+                    span, span_start = Tally(), done + 1
     except TimeoutError as err:
         raise click.ClickException(f"{err} (is the daemon running?)") from None
     except DaemonError as err:
@@ -254,6 +375,60 @@ def stream(file, connect, stream_id, domain, no_learn, window, timeout, as_json)
         click.echo(f"perplexity {tally.perplexity:.2f}  words {tally.words:,} (OOV {tally.oov:,})  "
                    f"{tally.words_per_sec:,.0f} words/s")
 
+
+@main.command()
+@click.option("--nbest", "nbest_file", required=True, type=click.Path(dir_okay=False), help="N-best lists: 'utt_id acoustic_score lm_score words...' per line (see rnnlm.nbest).")
+@click.option("--refs", "refs_file", required=True, type=click.Path(dir_okay=False), help="Reference transcripts: 'utt_id words...' per line.")
+@click.option("--model", "model_files", multiple=True, type=click.Path(dir_okay=False), help="RNN model to score the hypotheses with; repeat to mix several.")
+@click.option("--ngram", "ngram_file", default=None, type=click.Path(dir_okay=False), help="ARPA backoff model to score with (alone or mixed with the RNNs).")
+@click.option("--ngram-weight", type=click.FloatRange(0, 1), default=None, help="Weight of the --ngram model (default 0.25 with RNN models).")
+@click.option("--weights", "weights_text", default=None, metavar="W1,W2,...", help="Mixture weights, one per --model in order, then the n-gram's.")
+@click.option("--lm-weight", default=1.0, show_default=True, type=float, help="λ in acoustic + λ·ln P_LM + penalty·words.")
+@click.option("--word-penalty", default=0.0, show_default=True, type=float, help="Added per hypothesis word (positive favours longer hypotheses).")
+@click.option("--out", "out_file", default=None, type=click.Path(dir_okay=False), help="Write the chosen 1-best hypotheses here ('utt_id words...').")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@friendly_errors
+def rescore(nbest_file, refs_file, model_files, ngram_file, ngram_weight, weights_text, lm_weight, word_penalty,
+            out_file, as_json):
+    """Rescore n-best lists with new LM scores and report the word error rate of the 1-best.
+
+    Each hypothesis scores acoustic + λ·ln P_LM(words </s>) + penalty·len(words); the best one
+    per utterance is aligned to the reference (Levenshtein) for substitutions, deletions and
+    insertions. With no --model or --ngram, the file's own lm_score column is used. Models score
+    each hypothesis as a sentence on its own, statically.
+    """
+    from .nbest import Hypothesis, one_best, read_nbest, read_texts, rescore as pick_best, wer, write_texts
+
+    _need_files(nbest_file, refs_file, ngram_file)
+    nbest, refs = read_nbest(nbest_file), read_texts(refs_file)
+    scored = model_files or ngram_file
+    if scored:
+        mixture = _build_mixture(model_files, ngram_file, weights_text, ngram_weight, None)
+        with click.progressbar(nbest.items(), length=len(nbest), file=sys.stderr, width=30,
+                               label="scoring hypotheses") as items:
+            nbest = {utt: [Hypothesis(h.words, h.acoustic, mixture.sentence_logprob(h.words)) for h in hyps]
+                     for utt, hyps in items}
+    elif weights_text or ngram_weight is not None:
+        raise click.UsageError("--weights and --ngram-weight need --model or --ngram")
+    best = one_best(pick_best(nbest, None, lm_weight, word_penalty))
+    if out_file:
+        write_texts(best, out_file)
+    result = wer(refs, best)
+    report = {"wer": result.wer, "errors": result.errors, "substitutions": result.substitutions,
+              "deletions": result.deletions, "insertions": result.insertions, "ref_words": result.ref_words,
+              "sentences": result.sentences, "sentence_errors": result.sentence_errors,
+              "hypotheses": sum(len(h) for h in nbest.values()), "lm_weight": lm_weight,
+              "word_penalty": word_penalty, "models": list(model_files), "ngram": ngram_file,
+              "weights": mixture.weights.tolist() if scored else None}
+    if as_json:
+        click.echo(json.dumps(report))
+    else:
+        click.echo(result.summary())
+
+
+from .ngram_cli import ngram_group  # noqa: E402  (a command group of its own module)
+
+main.add_command(ngram_group)
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,111 @@
+"""Daemon benchmark: end-to-end throughput over ZeroMQ, latency, RSS, and agreement with offline eval.
+
+    .venv/bin/python bench/bench_daemon.py --model runs/bench-ptb200.pt [--data ../shared/data/ptb]
+
+In one run: the in-process online step's words/s on the test text (one thread); then a real
+`rnnlm serve` process, the test text streamed through it as one stream, one message per line
+(~22 words), by a pipelining client: words/s, per-message latency p50/p99 seen by the client,
+the daemon's RSS; the streamed perplexity against `evaluate` (dynamic, then learn: false vs static).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from rnnlm.checkpoint import load_model
+from rnnlm.clients.client import Client
+from rnnlm.corpus import read_lines, tokenize_line
+from rnnlm.evaluate import evaluate
+from rnnlm.model import OnlineRule
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def start_daemon(model: str, workdir: Path) -> tuple[subprocess.Popen, dict]:
+    ports = workdir / "ports.json"
+    proc = subprocess.Popen([sys.executable, "-m", "rnnlm.cli", "serve", "--model", model, "--bind", "tcp://127.0.0.1:0",
+                             "--metrics-addr", "127.0.0.1:0", "--port-file", str(ports)],
+                            stderr=open(workdir / "daemon.log", "w"))
+    while not ports.exists():
+        if proc.poll() is not None:
+            raise SystemExit((workdir / "daemon.log").read_text())
+        time.sleep(0.05)
+    return proc, json.loads(ports.read_text())
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def stream_through(endpoint: str, lines: list[str], stream: str, learn: bool, window: int):
+    sent: dict[int, float] = {}
+    latencies, loss, words = [], 0.0, 0
+    with Client(endpoint) as client:
+        def requests():
+            for line in lines:
+                sent[len(sent)] = time.perf_counter()
+                yield {"op": "score", "stream": stream, "text": line, "learn": learn}
+
+        start = time.perf_counter()
+        for i, reply in enumerate(client.pipeline(requests(), window)):
+            latencies.append(time.perf_counter() - sent[i])
+            reply = client.checked(reply)
+            loss += reply["loss"]
+            words += reply["tokens"]
+        seconds = time.perf_counter() - start
+    return words, loss, seconds, np.array(latencies)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "ptb"))
+    parser.add_argument("--window", type=int, default=64, help="requests in flight")
+    args = parser.parse_args()
+    lines = read_lines(Path(args.data) / "ptb.test.txt")
+    words = [w for line in lines for w in tokenize_line(line)]
+    model = load_model(args.model)
+    print(f"{len(lines):,} messages (one per line), {len(words):,} words, {len(words) / len(lines):.1f} words/message")
+
+    static = evaluate(model, words)
+    dynamic = evaluate(model, words, OnlineRule(), weights=model.weights.copy())
+    print(f"in-process online step (one thread): {dynamic.words_per_sec:,.0f} words/s, "
+          f"dynamic perplexity {dynamic.perplexity:.3f}; static {static.perplexity:.3f}", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, ports = start_daemon(args.model, Path(tmp))
+        try:
+            rss_idle = rss_mb(proc.pid)
+            n, loss, seconds, latency = stream_through(ports["endpoint"], lines, "bench", True, args.window)
+            rss_after = rss_mb(proc.pid)
+            n_frozen, loss_frozen, _, _ = stream_through(ports["endpoint"], lines, "frozen", False, args.window)
+            _, _, _, unloaded = stream_through(ports["endpoint"], lines[:1000], "one-by-one", True, 1)
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    streamed_ppl, frozen_ppl = np.exp(loss / n), np.exp(loss_frozen / n_frozen)
+    wps = n / seconds
+    print(f"daemon, {args.window} requests in flight: {wps:,.0f} words/s end to end "
+          f"({wps / dynamic.words_per_sec:.0%} of in-process); latency p50 {1000 * np.percentile(latency, 50):.2f} ms, "
+          f"p99 {1000 * np.percentile(latency, 99):.2f} ms (queueing included); RSS {rss_idle:.0f} MB idle, {rss_after:.0f} MB after")
+    print(f"streamed perplexity {streamed_ppl:.3f} vs offline dynamic {dynamic.perplexity:.3f} "
+          f"(relative difference {abs(streamed_ppl - dynamic.perplexity) / dynamic.perplexity:.1e}); "
+          f"learn: false {frozen_ppl:.3f} vs static {static.perplexity:.3f} "
+          f"({abs(frozen_ppl - static.perplexity) / static.perplexity:.1e})")
+    print(f"one request at a time: latency p50 {1000 * np.percentile(unloaded, 50):.2f} ms, "
+          f"p99 {1000 * np.percentile(unloaded, 99):.2f} ms")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
