@@ -265,3 +265,16 @@ def test_adaptation_to_a_second_domain_is_visible_in_windowed_perplexity(tmp_pat
     window = int(tokens1 - tokens0)
     static = math.exp(-sum(logp[-window:]) / window)
     assert windowed < 0.8 * static, (windowed, static)
+
+
+def test_streams_are_bounded_and_evictions_counted(tmp_path, model_path):
+    with Daemon(tmp_path, model_path, "--max-streams", "2") as d, Client(d.endpoint) as c:
+        c.score("a dog sees fish", stream="one")
+        c.score("a dog sees fish", stream="two")
+        c.score("a dog sees fish", stream="three")  # the least recently used, "one", goes
+        assert c.stats()["streams"] == 2
+        assert c.score("the cat", stream="one")["stream_tokens"] == 3, "'one' started over"
+        c.ping()
+        assert d.metric("rnnlm_streams_evicted_total", reason="lru") == 2
+        assert d.metric("rnnlm_streams_active") == 2
+        assert d.stop() == 0
