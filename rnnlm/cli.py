@@ -300,12 +300,20 @@ def evaluate_static_parallel(model: RNNLM, lines: list[str], threads: int) -> Ta
 @click.option("--stream-idle-seconds", default=3600.0, show_default=True, type=click.FloatRange(1), help="Drop a stream's state after this long without traffic.")
 @click.option("--max-domains", default=16, show_default=True, type=click.IntRange(1), help="Domains (sets of adapted weights).")
 @click.option("--max-tokens", default=10_000, show_default=True, type=click.IntRange(1), help="Tokens in one message.")
-@click.option("--max-message-bytes", default=1 << 20, show_default=True, type=click.IntRange(64), help="Largest frame (ZMQ_MAXMSGSIZE); a peer sending more is disconnected.")
+@click.option("--max-message-bytes", default=1 << 20, show_default=True, type=click.IntRange(64), help="Largest request; up to twice this gets a message_too_large error, more makes ZeroMQ disconnect the peer.")
+@click.option("--max-pending", default=1_000, show_default=True, type=click.IntRange(1), help="Messages taken from the sockets before they are handled; the rest wait in ZeroMQ's queues.")
+@click.option("--curve-secret-key", default=None, type=click.Path(dir_okay=False), help="The daemon's key pair (NAME.key_secret from `rnnlm keygen`): CURVE encryption on the request and ingest sockets.")
+@click.option("--curve-authorized-dir", default=None, type=click.Path(file_okay=False), help="Directory of the public keys (*.key) of the clients let in; every other client is refused.")
+@click.option("--decay-to-base", default=0.0, show_default=True, type=click.FloatRange(0, 1), help="After each message learned from, w += λ(w_base - w) (Krause et al. 2018); 0 = off.")
+@click.option("--shadow-sample", default=0.0, show_default=True, type=click.FloatRange(0, 1), help="Fraction of score messages also scored by the base model, for the adapted-vs-base metrics; 0 = off.")
+@click.option("--guard-margin", default=None, type=click.FloatRange(0), help="Roll a domain back when its adapted perplexity on the sample exceeds the base model's by this fraction (0.1 = 10 %); needs --shadow-sample.")
+@click.option("--guard-window", default=2000, show_default=True, type=click.IntRange(1), help="Sampled tokens per guard comparison.")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
 @friendly_errors
 def serve(model_file, bind, pull_bind, metrics_addr, state_dir, port_file, lr, no_learn, checkpoint_tokens,
           checkpoint_seconds, keep_checkpoints, max_streams, stream_idle_seconds, max_domains, max_tokens,
-          max_message_bytes, log_level):
+          max_message_bytes, max_pending, curve_secret_key, curve_authorized_dir, decay_to_base, shadow_sample,
+          guard_margin, guard_window, log_level):
     """Run the daemon: score text streamed over ZeroMQ and keep learning from it.
 
     Every word is scored with the current weights, then the network takes one SGD step on it at
@@ -316,13 +324,23 @@ def serve(model_file, bind, pull_bind, metrics_addr, state_dir, port_file, lr, n
 
     from rnnlm.daemon.server import Server, ServeConfig
 
+    if (curve_secret_key is None) != (curve_authorized_dir is None):
+        raise click.UsageError("--curve-secret-key and --curve-authorized-dir go together")
+    if guard_margin is not None and not shadow_sample:
+        raise click.UsageError("--guard-margin compares against the base model's shadow: give --shadow-sample too")
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if curve_secret_key is None and not all(_is_loopback(e) for e in (bind, pull_bind) if e):
+        logging.getLogger("rnnlm.daemon").warning(
+            "serving without CURVE on a non-loopback endpoint: anyone who can reach it can make the model learn")
     config = ServeConfig(model=model_file, bind=bind, pull_bind=pull_bind, metrics_addr=metrics_addr,
                          state_dir=state_dir, port_file=port_file, lr=lr, learn=not no_learn,
                          checkpoint_tokens=checkpoint_tokens, checkpoint_seconds=checkpoint_seconds,
                          keep_checkpoints=keep_checkpoints, max_streams=max_streams,
                          stream_idle_seconds=stream_idle_seconds, max_domains=max_domains, max_tokens=max_tokens,
-                         max_message_bytes=max_message_bytes)
+                         max_message_bytes=max_message_bytes, max_in_hand=max_pending,
+                         curve_secret_key=curve_secret_key, curve_authorized_dir=curve_authorized_dir,
+                         decay_to_base=decay_to_base, shadow_sample=shadow_sample, guard_margin=guard_margin,
+                         guard_window=guard_window)
     sys.exit(Server(config).run())
 
 
@@ -336,11 +354,17 @@ def serve(model_file, bind, pull_bind, metrics_addr, state_dir, port_file, lr, n
 @click.option("--timeout", default=30.0, show_default=True, type=click.FloatRange(0.1), help="Seconds to wait for a reply.")
 @click.option("--every", default=0, type=click.IntRange(0), help="Also print the perplexity of each span of this many lines.")
 @click.option("--json", "as_json", is_flag=True, help="End by printing one JSON object on stdout.")
+@click.option("--curve-secret-key", default=None, type=click.Path(dir_okay=False), help="This client's key pair (NAME.key_secret from `rnnlm keygen`), for a daemon running CURVE.")
+@click.option("--curve-server-key", default=None, type=click.Path(dir_okay=False), help="The daemon's public key (its NAME.key).")
 @friendly_errors
-def stream(file, connect, stream_id, domain, no_learn, window, timeout, every, as_json):
+def stream(file, connect, stream_id, domain, no_learn, window, timeout, every, as_json, curve_secret_key,
+           curve_server_key):
     """Stream FILE line by line through a running daemon and show its running perplexity."""
     from rnnlm.clients.client import Client, DaemonError, score_fields
 
+    if (curve_secret_key is None) != (curve_server_key is None):
+        raise click.UsageError("--curve-secret-key and --curve-server-key go together")
+    curve = (curve_secret_key, curve_server_key) if curve_secret_key else None
     lines = read_lines(file)
     tally, span = Tally(), Tally()
     done, span_start = 0, 1
@@ -349,7 +373,7 @@ def stream(file, connect, stream_id, domain, no_learn, window, timeout, every, a
     # With --every, one line per span replaces the progress bar.
     bar = click.progressbar(length=len(lines), file=sys.stderr, width=30, label="streaming", hidden=bool(every))
     try:
-        with Client(connect, timeout=timeout) as client, bar:
+        with Client(connect, timeout=timeout, curve=curve) as client, bar:
             for reply in client.pipeline(requests, window):
                 reply = client.checked(reply)
                 done += 1
@@ -429,6 +453,30 @@ def rescore(nbest_file, refs_file, model_files, ngram_file, ngram_weight, weight
 from .ngram_cli import ngram_group  # noqa: E402  (a command group of its own module)
 
 main.add_command(ngram_group)
+
+
+def _is_loopback(endpoint: str) -> bool:
+    """tcp://127.x / [::1] / localhost, or a local transport (ipc://, inproc://)."""
+    if not endpoint.startswith("tcp://"):
+        return True
+    host = endpoint[len("tcp://"):].rpartition(":")[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+@main.command()
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Directory to write the key pair into.")
+@click.option("--name", default="server", show_default=True, help="Base name of the files: NAME.key (public) and NAME.key_secret.")
+@friendly_errors
+def keygen(out_dir, name):
+    """Write a CURVE key pair for the daemon or a client.
+
+    NAME.key is the public key: give the daemon's to its clients (--curve-server-key), and put each
+    client's into the daemon's --curve-authorized-dir. NAME.key_secret stays with its owner (mode 600).
+    """
+    from rnnlm.daemon.auth import keygen as write_keys
+
+    public, secret = write_keys(out_dir, name)
+    click.echo(f"public key {public}\nsecret key {secret}")
 
 if __name__ == "__main__":
     main()
