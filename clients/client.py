@@ -6,6 +6,11 @@
 
 It speaks PROTOCOL.md over a DEALER socket; each request carries an `id` and replies are matched
 to requests by it.
+
+For a daemon running CURVE (`rnnlm serve --curve-secret-key ... --curve-authorized-dir ...`), give
+this client's key pair and the daemon's public key:
+
+    Client("tcp://host:5555", curve=("keys/alice.key_secret", "keys/server.key"))
 """
 
 from __future__ import annotations
@@ -30,12 +35,22 @@ class DaemonError(Exception):
 
 
 class Client:
-    def __init__(self, endpoint: str, timeout: float = 30.0, context: zmq.Context | None = None):
+    def __init__(self, endpoint: str, timeout: float = 30.0, context: zmq.Context | None = None,
+                 curve: tuple[str, str] | None = None):
+        """`curve`: (this client's NAME.key_secret file, the daemon's public NAME.key file)."""
         self.endpoint = endpoint
         self.timeout_ms = int(timeout * 1000)
         self.ctx = context or zmq.Context.instance()
         self.socket = self.ctx.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            from rnnlm.daemon.auth import client_socket_keys
+
+            try:
+                client_socket_keys(self.socket, *curve)
+            except BaseException:
+                self.socket.close(0)
+                raise
         self.socket.connect(endpoint)
         self.ids = itertools.count(1)
 
@@ -53,6 +68,8 @@ class Client:
     def request(self, op: str, check: bool = True, **fields) -> dict:
         rid = self.send(op, **fields)
         reply = self.receive()
+        if reply.get("id") is None and not reply.get("ok"):
+            reply["id"] = rid  # an error for a request the daemon could not read (PROTOCOL.md, Replies)
         if reply.get("id") != rid:
             raise RuntimeError(f"reply for request {reply.get('id')!r} arrived while waiting for {rid}")
         return self.checked(reply) if check else reply
@@ -96,6 +113,10 @@ class Client:
                 return
             while in_flight[0] not in waiting:
                 reply = self.receive()
+                if reply.get("id") is None and not reply.get("ok"):
+                    # Unreadable requests are answered with id nil; replies come in request order,
+                    # so it answers the oldest request not answered yet.
+                    reply["id"] = next(i for i in in_flight if i not in waiting)
                 waiting[reply.get("id")] = reply
             yield waiting.pop(in_flight.popleft())
 

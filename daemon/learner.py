@@ -2,6 +2,11 @@
 
 One Learner is driven by one thread, so updates are applied strictly in arrival order. Scoring
 and learning go through `RNNLM.score_words`, the same online step as `rnnlm eval --dynamic`.
+Decay toward the base weights, the base model's shadow and the rollback guard are in guard.py.
+
+A saved state is checked in full before it is used (`restore`): every tensor's shape and dtype,
+finite values, word ids inside the vocabulary (the compiled step does not bounds-check them), so a
+damaged or tampered file is refused with a clear error instead of crashing the process later.
 """
 
 from __future__ import annotations
@@ -16,13 +21,16 @@ import torch
 from rnnlm.checkpoint import CheckpointError, model_from_payload, model_payload, weights_from_tensors, weights_to_tensors
 from rnnlm.corpus import EOS
 from rnnlm.evaluate import Tally
+from rnnlm import kernels
 from rnnlm.model import RNNLM, OnlineRule, StreamState, Weights
 from rnnlm.vocab import OOV, RARE_WORD
 
-from .protocol import ProtocolError, Request
+from .guard import FROZEN, AdaptConfig, Adaptation, GuardState, Sample
+from .protocol import MAX_NAME, ProtocolError, Request
 
 STATE_FORMAT = "rnnlm-daemon-state"
 TALLY_FIELDS = ("words", "oov", "rare", "loss_nats")
+STATE_DTYPES = {"hidden": torch.float32, "inputs": torch.int32, "errors": torch.float32, "meta": torch.int64}
 
 
 @dataclass
@@ -33,6 +41,7 @@ class Domain:
     updates: int = 0  # SGD updates applied
     skipped: int = 0  # updates not applied (non-finite loss)
     tally: Tally = field(default_factory=Tally)
+    guard: GuardState = field(default_factory=GuardState)  # shadow comparison, snapshots, rollbacks
 
 
 @dataclass
@@ -40,6 +49,7 @@ class Stream:
     state: StreamState
     tally: Tally = field(default_factory=Tally)
     last_seen: float = field(default_factory=time.monotonic)
+    shadow: StreamState | None = None  # the base model's own context for this stream (sampled messages only)
 
 
 @dataclass
@@ -51,13 +61,16 @@ class ScoreResult:
     domain: Domain
     applied: int
     skipped: int
+    sample: Sample | None = None  # set when the base model's shadow scored this message too
+    rolled_back: str | None = None  # why the domain was rolled back after this message, if it was
 
 
 class Learner:
     def __init__(self, model: RNNLM, rule: OnlineRule, max_streams: int = 10_000, max_domains: int = 16,
-                 stream_idle_seconds: float = 3600.0):
+                 stream_idle_seconds: float = 3600.0, adapt: AdaptConfig | None = None):
         self.model = model  # its weights are the base model's and never change
         self.rule = rule
+        self.adaptation = Adaptation(adapt or AdaptConfig(), model)
         self.max_streams = max_streams
         self.max_domains = max_domains
         self.stream_idle_seconds = stream_idle_seconds
@@ -103,7 +116,19 @@ class Learner:
             tally.add(logprobs, kinds)
         domain.updates += applied
         domain.skipped += skipped
-        return ScoreResult(logprobs, kinds, words, stream, domain, applied, skipped)
+        result = ScoreResult(logprobs, kinds, words, stream, domain, applied, skipped)
+        adaptation = self.adaptation
+        if applied:
+            adaptation.decay(domain.weights)
+        if skipped and not domain.weights.all_finite():
+            result.rolled_back = adaptation.roll_back(domain.guard, domain.weights, "weights not finite")
+        if adaptation.sample():
+            if stream.shadow is None:
+                stream.shadow = self.model.new_state(FROZEN)
+            base, _, _ = self.model.score_words(words, stream.shadow, FROZEN, self.model.weights)
+            result.sample = Sample(-float(logprobs.sum()), -float(base.sum()), len(words))
+            result.rolled_back = adaptation.observe(domain.guard, domain.weights, result.sample, words) or result.rolled_back
+        return result
 
     def reset(self, domain: str, name: str) -> bool:
         return self.streams.pop((domain, name), None) is not None
@@ -128,6 +153,10 @@ class Learner:
                     "oov": d.tally.oov,
                     "loss_nats": d.tally.loss_nats,
                     "perplexity": d.tally.perplexity if d.tally.words else None,
+                    "rollbacks": d.guard.rollbacks,
+                    "sampled_tokens": d.guard.sampled_tokens,
+                    "sampled_loss_nats": d.guard.sampled_loss,
+                    "base_loss_nats": d.guard.base_loss_total,
                 }
                 for name, d in self.domains.items()
             },
@@ -153,24 +182,45 @@ class Learner:
         }
 
     def restore(self, payload: dict, where: str) -> None:
-        """Take the domains and streams of a saved state (its base model must be ours)."""
+        """Take the domains and streams of a saved state (its base model must be ours).
+
+        Everything is checked before it is used; on any error nothing is taken and CheckpointError
+        says what is wrong with the file."""
+        domains: dict[str, Domain] = {}
+        streams: OrderedDict[tuple[str, str], Stream] = OrderedDict()
         try:
             cfg, vocab = self.model.config, self.model.vocab
+            if len(payload["domains"]) > self.max_domains:
+                raise CheckpointError(f"{where}: {len(payload['domains'])} domains, more than --max-domains {self.max_domains}")
             for name, d in payload["domains"].items():
+                _check_name(name, "domain", where)
                 weights = weights_from_tensors(d["weights"], len(vocab), cfg.hidden, vocab.num_classes, where)
-                self.domains[name] = Domain(weights, int(d["updates"]), int(d["skipped"]), _tally_from(d["tally"]))
-            window = self.rule.window + 1
+                updates, skipped = _count(d["updates"], where), _count(d["skipped"], where)
+                domains[name] = Domain(weights, updates, skipped, _tally_from(d["tally"], where))
             for s in payload["streams"]:
+                _check_name(s["domain"], "domain", where)
+                _check_name(s["stream"], "stream", where)
+                if s["domain"] not in domains:
+                    raise CheckpointError(f"{where}: a stream of domain {s['domain']!r}, which the file does not hold")
                 state = self.model.new_state(self.rule)
-                for k in ("hidden", "inputs", "errors", "meta"):
-                    array = s[k].numpy()
-                    if k != "meta" and array.shape[0] != window:
-                        raise CheckpointError(f"{where}: stream state window differs from this daemon's")
-                    np.copyto(getattr(state, k), array)
-                self.streams[(s["domain"], s["stream"])] = Stream(state, _tally_from(s["tally"]))
-            self.evicted.update(payload.get("evicted", {}))
-        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as err:
-            raise CheckpointError(f"{where}: damaged daemon state ({err})") from None
+                for k, dtype in STATE_DTYPES.items():
+                    tensor, target = s[k], getattr(state, k)
+                    if not isinstance(tensor, torch.Tensor) or tensor.dtype != dtype or tuple(tensor.shape) != target.shape:
+                        raise CheckpointError(f"{where}: stream state '{k}' is not {dtype} of shape {target.shape} "
+                                              "(or its window differs from this daemon's)")
+                    np.copyto(target, tensor.numpy())
+                _check_stream_state(state, len(vocab), where)
+                streams[(s["domain"], s["stream"])] = Stream(state, _tally_from(s["tally"], where))
+            evicted = {k: _count(v, where) for k, v in payload.get("evicted", {}).items() if k in self.evicted}
+        except CheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, OverflowError) as err:
+            raise CheckpointError(f"{where}: damaged daemon state ({type(err).__name__}: {err})") from None
+        while len(streams) > self.max_streams:  # a smaller --max-streams than the saved state had
+            streams.popitem(last=False)
+        self.domains.update(domains)
+        self.streams.update(streams)
+        self.evicted.update(evicted)
 
 
 def base_model_of(payload: dict, where: str) -> RNNLM:
@@ -181,11 +231,36 @@ def _tally_state(tally: Tally) -> dict:
     return {k: getattr(tally, k) for k in TALLY_FIELDS}
 
 
-def _tally_from(state: dict) -> Tally:
+def _tally_from(state: dict, where: str = "state") -> Tally:
     tally = Tally()
     for k in TALLY_FIELDS:
-        setattr(tally, k, type(getattr(tally, k))(state[k]))
+        value = state[k]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
+            raise CheckpointError(f"{where}: tally field {k} is not a finite non-negative number")
+        setattr(tally, k, type(getattr(tally, k))(value))
     return tally
+
+
+def _count(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise CheckpointError(f"{where}: a counter is not a non-negative integer ({value!r})")
+    return value
+
+
+def _check_name(name, what: str, where: str) -> None:
+    if not isinstance(name, str) or not name or len(name) > MAX_NAME:
+        raise CheckpointError(f"{where}: a {what} name is not a string of 1 to {MAX_NAME} characters")
+
+
+def _check_stream_state(state: StreamState, vocab_size: int, where: str) -> None:
+    """Word ids index the weight matrices unchecked in the compiled step: they must be in range."""
+    window = state.window
+    ok = (np.all((state.inputs >= 0) & (state.inputs < vocab_size))
+          and 0 <= state.meta[kernels.LAST_WORD] < vocab_size
+          and 0 <= state.meta[kernels.PENDING] <= window and 0 <= state.meta[kernels.FILLED] <= window
+          and np.isfinite(state.hidden).all() and np.isfinite(state.errors).all())
+    if not ok:
+        raise CheckpointError(f"{where}: a stream's state holds word ids outside the vocabulary or values out of range")
 
 
 def token_flags(kinds: np.ndarray) -> tuple[list[int], list[int]]:

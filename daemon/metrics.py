@@ -12,6 +12,8 @@ import time
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector,
                                ProcessCollector, start_http_server)
 
+from .protocol import LIMITS
+
 PREFIX = "rnnlm"
 # Scoring a ~20-word message takes about a millisecond; buckets resolve 50 µs to 1 s.
 LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -46,6 +48,22 @@ class Metrics:
         self.checkpoint_age.set_function(lambda: time.time() - self._last_checkpoint_time)
         for outcome in ("ok", "error"):
             self.checkpoints.labels(outcome)
+        # Trust: limits, authentication, the base model's shadow and the adaptation guard.
+        self.limits = Counter(f"{PREFIX}_limits_hit", "Times a configured bound was hit, by limit "
+                              "(message_bytes, tokens, streams, domains, pending).", ["limit"], registry=r)
+        for limit in LIMITS:
+            self.limits.labels(limit)
+        self.handshake_failures = Counter(f"{PREFIX}_handshake_failures", "Connections refused during the CURVE "
+                                          "handshake, by socket and reason (auth: key not authorised; protocol: "
+                                          "e.g. a plaintext client; other).", ["socket", "reason"], registry=r)
+        self.base_loss = Counter(f"{PREFIX}_base_loss_nats", "-Σ ln P of the base (unadapted) model on the shadow's "
+                                 "sample of traffic, in nats.", ["domain"], registry=r)
+        self.base_tokens = Counter(f"{PREFIX}_base_tokens", "Tokens the base model's shadow scored.", ["domain"], registry=r)
+        self.sampled_loss = Counter(f"{PREFIX}_sampled_loss_nats", "-Σ ln P of the adapted model on the same sample, "
+                                    "in nats.", ["domain"], registry=r)
+        self.sampled_tokens = Counter(f"{PREFIX}_sampled_tokens", "Tokens in the shadow's sample (adapted side).",
+                                      ["domain"], registry=r)
+        self.rollbacks = Counter(f"{PREFIX}_rollbacks", "Domains rolled back by the adaptation guard.", ["domain"], registry=r)
 
     def checkpointed(self, ok: bool) -> None:
         self.checkpoints.labels("ok" if ok else "error").inc()

@@ -16,6 +16,12 @@ DATA_OPS = ("score",)  # the only op accepted on the fire-and-forget PULL socket
 DEFAULT_DOMAIN = "default"
 MAX_NAME = 128  # stream and domain names, in characters
 
+# The bounds a client can run into, each counted in rnnlm_limits_hit_total{limit=...} (a fixed set,
+# so the label stays bounded): error codes that mean a limit was hit, and the limits the server
+# meets on its own (the LRU stream bound, the in-hand queue).
+LIMIT_OF_CODE = {"message_too_large": "message_bytes", "too_many_tokens": "tokens", "too_many_domains": "domains"}
+LIMITS = ("message_bytes", "tokens", "streams", "domains", "pending")
+
 
 class ProtocolError(Exception):
     def __init__(self, code: str, message: str):
@@ -33,6 +39,17 @@ class Request:
     sentences: list[list[str]] | None = None  # score: words per sentence; `</s>` added to each
     tokens: list[str] | None = None  # score: tokens as given, nothing added
     learn: bool = True
+
+
+def check_size(frame: bytes, max_bytes: int) -> None:
+    """Frames up to the hard ceiling (ZMQ_MAXMSGSIZE, twice the limit) reach us and are refused here."""
+    if len(frame) > max_bytes:
+        raise ProtocolError("message_too_large", f"a {len(frame)}-byte message; the limit is {max_bytes} bytes")
+
+
+def hard_frame_limit(max_bytes: int) -> int:
+    """ZMQ_MAXMSGSIZE: a peer sending a bigger frame is disconnected by ZeroMQ without a reply."""
+    return 2 * max_bytes
 
 
 def decode(frame: bytes) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -23,6 +24,9 @@ from rnnlm.checkpoint import CheckpointError, VERSION, load_model, read_checked,
 from rnnlm.model import OnlineRule
 
 from . import protocol
+from . import systemd
+from .auth import CurveServer
+from .guard import AdaptConfig
 from .learner import STATE_FORMAT, Learner, base_model_of, token_flags
 from .metrics import Metrics
 from .protocol import ProtocolError
@@ -49,8 +53,14 @@ class ServeConfig:
     max_domains: int = 16
     stream_idle_seconds: float = 3600.0
     max_tokens: int = 10_000  # per message
-    max_message_bytes: int = 1 << 20  # ZMQ_MAXMSGSIZE: bigger frames drop the peer
+    max_message_bytes: int = 1 << 20  # larger: message_too_large; over twice this (ZMQ_MAXMSGSIZE) drops the peer
     max_in_hand: int = 1_000  # messages drained from the sockets before handling
+    curve_secret_key: str | None = None  # the daemon's NAME.key_secret: CURVE on both sockets
+    curve_authorized_dir: str | None = None  # public keys of the clients let in (ZAP)
+    decay_to_base: float = 0.0  # adaptation guard (guard.py): all off by default
+    shadow_sample: float = 0.0
+    guard_margin: float | None = None
+    guard_window: int = 2000
 
 
 class Server:
@@ -64,6 +74,7 @@ class Server:
         self.checkpoint_seq = 0
         self.lru_evictions_reported = 0
         self.exit_code = 0
+        self.curve: CurveServer | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -81,6 +92,8 @@ class Server:
         model = self.learner.model
         self.metrics.info.info({k: str(v) for k, v in {**model.describe(), "lr": cfg.lr, "learning": cfg.learn}.items()})
         self.ctx = zmq.Context()
+        self.curve = (CurveServer(self.ctx, cfg.curve_secret_key, cfg.curve_authorized_dir, self.metrics.handshake_failures)
+                      if cfg.curve_secret_key else None)
         self.router = self.bind(zmq.ROUTER, cfg.bind)
         self.pull = self.bind(zmq.PULL, cfg.pull_bind) if cfg.pull_bind else None
         self.poller = zmq.Poller()
@@ -101,11 +114,16 @@ class Server:
         self.update_gauges()
         log.info("ready: %s; metrics %s; model %s (%s)", endpoints["endpoint"], endpoints["metrics"],
                  cfg.model or "bundled default", ", ".join(f"{k} {v}" for k, v in model.describe().items()))
+        systemd.notify("READY=1")  # Type=notify: the model is loaded and every socket is bound
 
     def bind(self, kind: int, endpoint: str) -> zmq.Socket:
         socket = self.ctx.socket(kind)
         socket.setsockopt(zmq.LINGER, 2000)  # give replies in flight a moment at shutdown
-        socket.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
+        # Frames up to twice the limit are answered with message_too_large (and counted); bigger
+        # ones make ZeroMQ drop the peer before they are ever buffered whole.
+        socket.setsockopt(zmq.MAXMSGSIZE, protocol.hard_frame_limit(self.config.max_message_bytes))
+        if self.curve is not None:
+            self.curve.secure(socket, "router" if kind == zmq.ROUTER else "pull")
         try:
             socket.bind(endpoint)
         except zmq.ZMQError as err:
@@ -119,7 +137,9 @@ class Server:
 
     def main_loop(self) -> None:
         next_sweep = time.monotonic() + 10.0
+        watchdog = systemd.Watchdog()  # WatchdogSec=: a wedged loop gets restarted
         while not self.should_exit:
+            watchdog.ping()
             ready = dict(self.poller.poll(100))
             self.receive(ready)
             self.handle_in_hand()
@@ -130,6 +150,7 @@ class Server:
             self.update_gauges()
 
     def shutdown(self) -> None:
+        systemd.notify("STOPPING=1")
         # Answer what has already arrived, then stop.
         self.receive({self.router: zmq.POLLIN, **({self.pull: zmq.POLLIN} if self.pull else {})})
         self.handle_in_hand()
@@ -137,6 +158,8 @@ class Server:
             if self.config.state_dir and self.checkpoint("shutdown") is None:
                 self.exit_code = 1
         finally:
+            if self.curve is not None:
+                self.curve.stop()
             self.router.close()
             if self.pull is not None:
                 self.pull.close()
@@ -156,6 +179,8 @@ class Server:
                 except zmq.Again:
                     break
                 self.in_hand.append((socket, frames))
+            if len(self.in_hand) >= self.config.max_in_hand and socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                self.metrics.limits.labels("pending").inc()  # the rest waits in ZeroMQ's queue (RCVHWM)
         self.metrics.queue_depth.set(len(self.in_hand))
 
     def handle_in_hand(self) -> None:
@@ -164,6 +189,7 @@ class Server:
             reply = self.handle(frames[-1], socket is self.pull)
             if socket is self.router:
                 self.router.send_multipart([*frames[:-1], protocol.encode(reply)])
+            self.maybe_checkpoint()  # per message, so a crash loses at most --checkpoint-tokens + one message
         self.metrics.queue_depth.set(0)
 
     def handle(self, frame: bytes, fire_and_forget: bool = False) -> dict:
@@ -171,6 +197,7 @@ class Server:
         op, rid = "invalid", None
         socket_label = "pull" if fire_and_forget else "router"
         try:
+            protocol.check_size(frame, self.config.max_message_bytes)
             message = protocol.decode(frame)
             rid = protocol.request_id(message)
             op = message.get("op") if message.get("op") in protocol.OPS else "unknown"
@@ -181,6 +208,8 @@ class Server:
             outcome = "ok"
         except ProtocolError as err:
             reply, outcome = protocol.error(rid, err.code, err.message), err.code
+            if err.code in protocol.LIMIT_OF_CODE:
+                self.metrics.limits.labels(protocol.LIMIT_OF_CODE[err.code]).inc()
         except Exception as err:  # a bug must not take the daemon down; say so and go on
             log.exception("internal error handling %s", op)
             reply, outcome = protocol.error(rid, "internal", f"internal error: {type(err).__name__}"), "internal"
@@ -202,6 +231,17 @@ class Server:
             m.updates.labels(d, "applied").inc(result.applied)
         if result.skipped:
             m.updates.labels(d, "skipped").inc(result.skipped)
+        if result.sample is not None:
+            s = result.sample
+            m.rollbacks.labels(d)  # present at 0 for every shadowed domain
+            if math.isfinite(s.adapted_loss) and math.isfinite(s.base_loss):
+                m.sampled_loss.labels(d).inc(s.adapted_loss)
+                m.sampled_tokens.labels(d).inc(s.tokens)
+                m.base_loss.labels(d).inc(s.base_loss)
+                m.base_tokens.labels(d).inc(s.tokens)
+        if result.rolled_back:
+            m.rollbacks.labels(d).inc()
+            log.warning("domain %r rolled back: %s", d, result.rolled_back)
         self.tokens_since_checkpoint += n
         return protocol.ok(
             request.id,
@@ -243,37 +283,56 @@ class Server:
     # --- state ---------------------------------------------------------------------------------
 
     def load_learner(self) -> Learner:
+        """Resume from the newest checkpoint that is whole and valid, else start from the model.
+
+        A damaged or tampered file is skipped for the one before it; if there are checkpoints and
+        none can be used, the daemon refuses to start rather than silently forget (and later rotate
+        away) the state they hold."""
         cfg = self.config
         rule = OnlineRule(lr=cfg.lr, learn=cfg.learn)
-        saved = self.latest_state()
-        if saved is not None:
-            path, payload = saved
-            model = base_model_of(payload, str(path))
-            if cfg.model is not None and not same_model(model, load_model(cfg.model)):
+        adapt = AdaptConfig(cfg.decay_to_base, cfg.shadow_sample, cfg.guard_margin, cfg.guard_window)
+
+        def new_learner(model) -> Learner:
+            return Learner(model, rule, cfg.max_streams, cfg.max_domains, cfg.stream_idle_seconds, adapt)
+
+        self.remove_temporary_files()
+        files = self.checkpoint_files()
+        given = load_model(cfg.model) if cfg.model is not None and files else None
+        for path in reversed(files):
+            try:
+                payload = read_checked(path, STATE_FORMAT)
+                model = base_model_of(payload, str(path))
+            except CheckpointError as err:
+                log.warning("skipping %s", err)
+                continue
+            if given is not None and not same_model(model, given):
                 raise CheckpointError(f"{path} continues a different model than {cfg.model}; "
                                       "use another --state-dir to start fresh")
-            learner = Learner(model, rule, cfg.max_streams, cfg.max_domains, cfg.stream_idle_seconds)
-            learner.restore(payload, str(path))
-            self.checkpoint_seq = int(path.stem.split("-")[-1])
+            learner = new_learner(model)
+            try:
+                learner.restore(payload, str(path))
+            except CheckpointError as err:
+                log.warning("skipping %s", err)
+                continue
+            self.checkpoint_seq = int(files[-1].stem.split("-")[-1])  # never reuse a damaged file's name
             log.info("resumed from %s: %d domain(s), %d stream(s)", path, len(learner.domains), len(learner.streams))
-        else:
-            model = load_model(cfg.model or DEFAULT_MODEL)
-            learner = Learner(model, rule, cfg.max_streams, cfg.max_domains, cfg.stream_idle_seconds)
-        return learner
+            return learner
+        if files:
+            raise CheckpointError(f"{cfg.state_dir}: none of its {len(files)} checkpoint file(s) can be used (see the "
+                                  "warnings above); move them away to start afresh from the model")
+        return new_learner(load_model(cfg.model or DEFAULT_MODEL))
+
+    def remove_temporary_files(self) -> None:
+        """A checkpoint being written when the process was killed leaves its temporary file."""
+        if self.config.state_dir:
+            for tmp in Path(self.config.state_dir).glob(".state-*.tmp"):
+                log.info("removing %s, left by an interrupted checkpoint", tmp)
+                tmp.unlink(missing_ok=True)
 
     def checkpoint_files(self) -> list[Path]:
         if not self.config.state_dir:
             return []
         return sorted(Path(self.config.state_dir).glob("state-*.pt"))
-
-    def latest_state(self) -> tuple[Path, dict] | None:
-        """The newest checkpoint that reads back whole; older ones if the newest is damaged."""
-        for path in reversed(self.checkpoint_files()):
-            try:
-                return path, read_checked(path, STATE_FORMAT)
-            except CheckpointError as err:
-                log.warning("skipping %s", err)
-        return None
 
     def maybe_checkpoint(self) -> None:
         cfg = self.config
@@ -308,6 +367,7 @@ class Server:
         lru = self.learner.evicted["lru"]
         if lru > self.lru_evictions_reported:
             self.metrics.evicted.labels("lru").inc(lru - self.lru_evictions_reported)
+            self.metrics.limits.labels("streams").inc(lru - self.lru_evictions_reported)
             self.lru_evictions_reported = lru
 
 

@@ -53,7 +53,14 @@ def read_checked(path: str | Path, expected_format: str) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many kinds for a damaged or hostile file
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        text = str(err).strip()
+        if text.startswith("Weights only load failed"):
+            # torch's first line suggests weights_only=False; the reason is further down.
+            detail = next((line.strip() for line in text.splitlines()
+                           if "GLOBAL" in line or "Unsupported" in line), "objects other than tensors and plain values")
+            raise CheckpointError(f"{path}: refused: it holds code or objects a checkpoint never has, which loading "
+                                  f"would run or build ({detail[:200]})") from None
+        reason = text.splitlines()[0] if text else type(err).__name__
         raise CheckpointError(f"{path}: not a readable checkpoint ({reason[:200]})") from None
     if not isinstance(payload, dict) or payload.get("format") != expected_format:
         raise CheckpointError(f"{path}: not an {expected_format} file")
