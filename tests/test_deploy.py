@@ -1,0 +1,600 @@
+"""deploy/ checked by the real tools: promtool, a real Prometheus scraping a real daemon, the sd_notify
+socket, systemd-analyze, and (where installed) hadolint, docker-compose, kubernetes-validate, kubectl."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from rnnlm.cli import serve as serve_command
+from rnnlm.clients.client import Client
+from rnnlm.daemon import systemd
+from tests.daemon_helpers import Daemon, small_trained_model
+from tests.test_model import toy_text
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+RULES = sorted((DEPLOY / "prometheus" / "rules").glob("*.yml"))
+SERVE_OPTIONS = {opt for param in serve_command.params for opt in param.opts}
+# The adaptation guard's counters (RnnlmAdaptationHurting), which the rules may name before it lands.
+NOT_YET_EXPORTED = {"rnnlm_base_loss_nats_total", "rnnlm_base_tokens_total", "rnnlm_sampled_loss_nats_total",
+                    "rnnlm_sampled_tokens_total"}
+
+
+def tool(name: str, required: bool = True) -> str:
+    """A command from PATH or beside this Python (the venv's bin/, not always on PATH)."""
+    path = shutil.which(name, path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    if path:
+        return path
+    if required:
+        pytest.fail(f"{name} is missing: .ci/run installs it")
+    pytest.skip(f"{name} is not installed here")
+
+
+def run(*args, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=60, **kwargs)
+
+
+def load_yaml_docs(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    return small_trained_model(tmp_path_factory.mktemp("model") / "m.pt", toy_text(400))
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory, model_path):
+    tmp = tmp_path_factory.mktemp("daemon")
+    with Daemon(tmp, model_path) as d:
+        yield d
+        assert d.stop() == 0, d.output()
+
+
+# --- Prometheus: config, rules, rule unit tests ------------------------------------------------------
+
+def test_promtool_accepts_the_rules_and_their_unit_tests():
+    promtool = tool("promtool")
+    result = run(promtool, "check", "rules", *RULES)
+    assert result.returncode == 0 and "SUCCESS" in result.stdout, result.stdout + result.stderr
+    result = run(promtool, "test", "rules", DEPLOY / "prometheus" / "tests" / "alerts.test.yml")
+    assert result.returncode == 0 and "SUCCESS" in result.stdout, result.stdout + result.stderr
+
+
+def test_every_alert_has_cases_that_must_fire_and_must_not():
+    alerts = {r["alert"] for f in RULES for g in yaml.safe_load(f.read_text())["groups"] for r in g["rules"] if "alert" in r}
+    unit = yaml.safe_load((DEPLOY / "prometheus" / "tests" / "alerts.test.yml").read_text())
+    cases = [c for t in unit["tests"] for c in t.get("alert_rule_test", [])]
+    fires = {c["alertname"] for c in cases if c["exp_alerts"]}
+    quiet = {c["alertname"] for c in cases if not c["exp_alerts"]}
+    assert alerts == fires == quiet, (alerts, fires, quiet)
+
+
+def test_promtool_accepts_the_scrape_configs(tmp_path):
+    promtool = tool("promtool")
+    result = run(promtool, "check", "config", DEPLOY / "prometheus" / "prometheus.yml")
+    assert result.returncode == 0 and f"{len(RULES)} rule files found" in result.stdout, result.stdout + result.stderr
+    # The compose stack's config, checked where the compose file mounts it.
+    root = materialize_mounts(compose()["services"]["prometheus"], tmp_path)
+    result = run(promtool, "check", "config", root / "etc/prometheus/prometheus.yml")
+    assert result.returncode == 0 and f"{len(RULES)} rule files found" in result.stdout, result.stdout + result.stderr
+
+
+def test_the_rules_and_dashboard_name_only_metrics_the_daemon_exports(daemon):
+    # Every family is declared by a TYPE line, also before its first labelled sample exists.
+    families = dict(line.split()[2:4] for line in daemon.scrape().splitlines() if line.startswith("# TYPE "))
+    suffixes = {"histogram": ["_bucket", "_count", "_sum"], "summary": ["", "_count", "_sum"]}
+    exported = {name + s for name, kind in families.items() for s in suffixes.get(kind, [""])}
+    recorded = {r["record"] for f in RULES for g in yaml.safe_load(f.read_text())["groups"] for r in g["rules"] if "record" in r}
+    expressions = [r["expr"] for f in RULES for g in yaml.safe_load(f.read_text())["groups"] for r in g["rules"]]
+    expressions += [e for _, e in dashboard_expressions()]
+    named = {m for e in expressions for m in re.findall(r"\b(?:[a-z_]+:)?rnnlm_\w+(?::\w+)?", e)}
+    unknown = named - exported - recorded - NOT_YET_EXPORTED
+    assert not unknown, f"not exported by the daemon nor recorded: {sorted(unknown)}"
+
+
+# --- Prometheus end to end: a real server scraping a real daemon -------------------------------------
+
+class PrometheusServer:
+    """Debian's `prometheus` as a child process on a free loopback port with its own storage."""
+
+    def __init__(self, tmp: Path, config: dict):
+        tmp.mkdir(parents=True, exist_ok=True)
+        (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = open(tmp / "prometheus.log", "w+")
+        self.proc = subprocess.Popen(
+            [tool("prometheus"), f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
+             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        wait_for(lambda: self.ready(), 30, lambda: f"prometheus did not start:\n{self.output()}")
+
+    def ready(self) -> bool:
+        assert self.proc.poll() is None, self.output()
+        try:
+            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def api(self, path: str, **params) -> dict:
+        with urllib.request.urlopen(f"{self.url}/api/v1/{path}?{urllib.parse.urlencode(params)}", timeout=10) as r:
+            body = json.load(r)
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def value(self, expr: str) -> float | None:
+        """The single sample `expr` evaluates to now, or None."""
+        result = self.api("query", query=expr)["result"]
+        assert len(result) <= 1, result
+        return float(result[0]["value"][1]) if result else None
+
+    def alerts(self, name: str, **labels) -> list[str]:
+        """States (pending, firing) of the active alerts named `name` with these labels."""
+        return [a["state"] for a in self.api("alerts")["alerts"]
+                if a["labels"]["alertname"] == name and all(a["labels"].get(k) == v for k, v in labels.items())]
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        self.proc.wait(30)
+        self.log.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition, timeout: float, message=lambda: "timed out", every: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(message())
+        time.sleep(every)
+
+
+def e2e_config(daemon: Daemon, rule_files: list[Path]) -> dict:
+    """deploy/'s scrape config pointed at the test daemon, scraping and evaluating every second."""
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    config["rule_files"] = [str(p) for p in rule_files]
+    (job,) = config["scrape_configs"]
+    assert job["job_name"] == "rnnlm"
+    job["static_configs"] = [{"targets": [urllib.parse.urlparse(daemon.metrics_url).netloc]}]
+    return config
+
+
+def test_prometheus_records_the_windowed_perplexity_the_daemon_reports(tmp_path, daemon):
+    """The recorded 1m/5m/1h perplexity of a burst of text equals exp(Δloss / Δtokens) of the
+    daemon's own counters over that burst, to 1e-6 relative.
+
+    Why so tight: the text format carries the counters' floats exactly, and both counters come
+    from the same scrapes, so rate()'s extrapolation multiplies loss and tokens by the same factor,
+    which cancels in the ratio; what is left is float64 rounding. Two conditions make the window
+    hold exactly the burst: it is quiet before and after (a scrape sees the counters still), and
+    the domain's counters are born by one message A (a single scrape cannot catch it half done)
+    whose size is comparable to the burst's, so rate()'s limit on extrapolating below zero does
+    not bind differently for the two counters."""
+    domain = {"domain": "e2e"}
+    with PrometheusServer(tmp_path, e2e_config(daemon, RULES)) as prom, Client(daemon.endpoint) as client:
+        client.score("\n".join(toy_text(100, seed=11)), stream="e2e-a", **domain)
+        loss0, tokens0 = daemon.metric("rnnlm_loss_nats_total", **domain), daemon.metric("rnnlm_tokens_total", **domain)
+        wait_for(lambda: (prom.value('rnnlm_loss_nats_total{domain="e2e"}'),
+                          prom.value('rnnlm_tokens_total{domain="e2e"}')) == (loss0, tokens0), 20, prom.output)
+        replies = list(client.pipeline(({"op": "score", "stream": "e2e", "text": line, **domain}
+                                        for line in toy_text(100, seed=12)), window=16))
+        loss1, tokens1 = daemon.metric("rnnlm_loss_nats_total", **domain), daemon.metric("rnnlm_tokens_total", **domain)
+        assert tokens1 - tokens0 == sum(r["tokens"] for r in replies)
+        assert loss1 - loss0 == pytest.approx(sum(r["loss"] for r in replies), rel=1e-9)
+
+        # Wait for a scrape that saw the end of the burst, then for an evaluation well after it.
+        wait_for(lambda: prom.value('rnnlm_tokens_total{domain="e2e"}') == tokens1, 20, prom.output)
+        seen = prom.value('timestamp(rnnlm_tokens_total{domain="e2e"})')
+        for window in ("1m", "5m", "1h"):
+            wait_for(lambda: (prom.value(f'timestamp(domain:rnnlm_perplexity:rate{window}{{domain="e2e"}})') or 0) >= seen + 1.5,
+                     20, prom.output)
+        expected = math.exp((loss1 - loss0) / (tokens1 - tokens0))
+        for window in ("1m", "5m", "1h"):
+            recorded = prom.value(f'domain:rnnlm_perplexity:rate{window}{{domain="e2e", job="rnnlm"}}')
+            assert recorded == pytest.approx(expected, rel=1e-6), (window, recorded, expected)
+        # Nothing is wrong, so nothing fires.
+        firing = [a["labels"]["alertname"] for a in prom.api("alerts")["alerts"] if a["state"] == "firing"]
+        assert not firing, firing
+
+
+# The same rules with windows and `for:` scaled from minutes and hours to seconds.
+FAST_WINDOWS = {"1m": "3s", "5m": "5s", "1h": "40s", "10m": "10s", "15m": "15s", "30m": "30s"}
+
+
+def fast_rules(tmp: Path) -> list[Path]:
+    tmp.mkdir(parents=True, exist_ok=True)
+    out = []
+    for path in RULES:
+        lines = []
+        for line in path.read_text().splitlines():
+            if not line.lstrip().startswith("#"):
+                line = re.sub(r"\[(\w+)\]", lambda m: f"[{FAST_WINDOWS[m.group(1)]}]", line)
+                line = re.sub(r"^(\s+for: )\w+$", r"\g<1>2s", line)
+            lines.append(line)
+        (tmp / path.name).write_text("\n".join(lines) + "\n")
+        out.append(tmp / path.name)
+    return out
+
+
+def test_the_regression_alert_fires_when_the_text_turns_to_garbage(tmp_path, daemon):
+    """In-domain text for a while: RnnlmPerplexityRegression stays quiet. Then word salad (the same
+    words in random order, perplexity ~100 against ~2): it fires. Windows are scaled to seconds
+    (5m -> 5s, 1h -> 40s, for: 2s); the expressions are deploy/'s."""
+    rng = np.random.default_rng(1)
+    words = sorted({w for line in toy_text(400) for w in line.split()})
+    salad = [" ".join(rng.choice(words, 4)) for _ in range(5000)]
+    text = toy_text(5000, seed=21)
+    domain = {"domain": "reg"}
+
+    def send(lines):
+        for reply in client.pipeline(({"op": "score", "stream": "reg", "text": line, **domain} for line in lines), window=16):
+            assert reply["ok"], reply
+
+    with PrometheusServer(tmp_path / "prom", e2e_config(daemon, fast_rules(tmp_path / "rules"))) as prom, \
+            Client(daemon.endpoint) as client:
+        start = time.monotonic()
+        i = 0
+        while time.monotonic() - start < 8:
+            send(text[i:i + 20])
+            i += 20
+            time.sleep(0.05)
+            if time.monotonic() - start > 4:
+                assert not prom.alerts("RnnlmPerplexityRegression", **domain), "fired on in-domain text"
+        assert prom.value('domain:rnnlm_perplexity:rate5m{domain="reg"}') is not None, "the rules saw the traffic"
+
+        start, i = time.monotonic(), 0
+        while "firing" not in prom.alerts("RnnlmPerplexityRegression", **domain):
+            assert time.monotonic() - start < 30, f"did not fire:\n{prom.api('alerts')}\n{prom.output()}"
+            send(salad[i:i + 20])
+            i += 20
+            time.sleep(0.05)
+
+
+# --- Grafana -----------------------------------------------------------------------------------------
+
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "1h", "$job": ".*", "$domain": ".*"}
+
+
+def dashboard() -> dict:
+    return json.loads((DEPLOY / "grafana" / "dashboards" / "rnnlm.json").read_text())
+
+
+def dashboard_expressions() -> list[tuple[str, str]]:
+    exprs = []
+    for panel in dashboard()["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            for var, value in GRAFANA_VARIABLES.items():
+                expr = expr.replace(var, value)
+            exprs.append((f"{panel['title']} / {target['refId']}", expr))
+    return exprs
+
+
+def test_the_dashboard_is_well_formed_and_promtool_parses_every_query(tmp_path):
+    board = dashboard()
+    assert board["uid"] == "rnnlm" and board["title"] and isinstance(board["schemaVersion"], int)
+    variables = {v["name"] for v in board["templating"]["list"]}
+    assert {"datasource", "job", "domain"} <= variables
+    panels = board["panels"]
+    assert len({p["id"] for p in panels}) == len(panels), "panel ids are unique"
+    for p in panels:
+        grid = p["gridPos"]
+        assert grid["w"] > 0 and grid["h"] > 0 and grid["x"] + grid["w"] <= 24, p["title"]
+        assert p["targets"] and all(t["expr"].strip() and t["refId"] for t in p["targets"]), p["title"]
+        assert p["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, p["title"]
+        assert not re.search(r"\$(?!__rate_interval|job|domain)\w+", " ".join(t["expr"] for t in p["targets"])), p["title"]
+    titles = " ".join(p["title"].lower() for p in panels)
+    for topic in ("running perplexity", "windowed perplexity", "tokens / s", "p50 / p99", "update outcomes",
+                  "oov", "streams", "checkpoint age"):
+        assert topic in titles, topic
+    # Every query, as promtool sees it: each expression becomes a recording rule.
+    rules = {"groups": [{"name": "dashboard", "rules": [{"record": f"dashboard:query_{i}", "expr": e}
+                                                        for i, (_, e) in enumerate(dashboard_expressions())]}]}
+    (tmp_path / "dashboard-queries.yml").write_text(yaml.safe_dump(rules))
+    result = run(tool("promtool"), "check", "rules", tmp_path / "dashboard-queries.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_grafana_provisioning_points_at_the_compose_services():
+    (source,) = load_yaml_docs(DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml")[0]["datasources"]
+    assert source["type"] == "prometheus" and source["isDefault"]
+    stack = compose()["services"]
+    host, port = urllib.parse.urlparse(source["url"]).netloc.split(":")
+    assert host == "prometheus" and host in stack and port == "9090"  # the service, on Prometheus' default port
+    (provider,) = load_yaml_docs(DEPLOY / "grafana" / "provisioning" / "dashboards" / "rnnlm.yml")[0]["providers"]
+    mounts = dict(bind_mounts(stack["grafana"]))
+    assert mounts[provider["options"]["path"]] == DEPLOY / "grafana" / "dashboards"
+    assert mounts["/etc/grafana/provisioning"] == DEPLOY / "grafana" / "provisioning"
+
+
+# --- systemd: the unit, and the notify protocol with a real socket -------------------------------
+
+def unit_settings() -> dict[str, str]:
+    text = (DEPLOY / "systemd" / "rnnlm.service").read_text().replace("\\\n", " ")
+    return {k.strip(): v.strip() for k, _, v in (line.partition("=") for line in text.splitlines())
+            if v and not k.startswith(("#", "["))}
+
+
+def test_systemd_analyze_verifies_the_unit(tmp_path):
+    """`systemd-analyze verify` with --root: the unit in a scratch root that holds systemd's own
+    units and a stand-in for ExecStart's binary (verify checks that it exists and is executable)."""
+    analyze = tool("systemd-analyze")
+    settings = unit_settings()
+    exec_start = settings["ExecStart"].split()
+    shutil.copytree("/usr/lib/systemd/system", tmp_path / "usr/lib/systemd/system", symlinks=True)
+    (tmp_path / "etc/systemd/system").mkdir(parents=True)
+    shutil.copy(DEPLOY / "systemd" / "rnnlm.service", tmp_path / "etc/systemd/system/rnnlm.service")
+    binary = tmp_path / exec_start[0].lstrip("/")
+    binary.parent.mkdir(parents=True)
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    result = run(analyze, "verify", f"--root={tmp_path}", "/etc/systemd/system/rnnlm.service")
+    assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), result.stdout + result.stderr
+    # systemd's own score of the hardening: 0 (locked down) to 10 (exposed); 2.5 or less.
+    result = run(analyze, "security", "--offline=yes", "--threshold=25", f"--root={tmp_path}",
+                 "/etc/systemd/system/rnnlm.service")
+    assert result.returncode == 0, result.stdout[-600:] + result.stderr
+    # What the unit promises the daemon does.
+    assert settings["Type"] == "notify" and settings["Restart"] == "on-failure" and settings["StateDirectory"] == "rnnlm"
+    assert int(settings["TimeoutStopSec"].rstrip("s")) >= 120 and settings["WatchdogSec"]
+    assert exec_start[1] == "serve" and "--state-dir" in exec_start and exec_start[exec_start.index("--state-dir") + 1] == "/var/lib/rnnlm"
+    assert {a for a in exec_start if a.startswith("--")} <= SERVE_OPTIONS
+    # numba refuses to start without a writable cache, and the install tree is read-only here.
+    text = (DEPLOY / "systemd" / "rnnlm.service").read_text()
+    assert "CacheDirectory=rnnlm" in text and "Environment=NUMBA_CACHE_DIR=/var/cache/rnnlm" in text
+
+
+def listen_datagram(address: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(address)
+    sock.settimeout(30)
+    return sock
+
+
+def test_the_daemon_tells_systemd_ready_watchdog_and_stopping(tmp_path, model_path):
+    """A real `rnnlm serve` with NOTIFY_SOCKET at a datagram socket this test binds, as systemd would."""
+    path, port_file, state = tmp_path / "notify.sock", tmp_path / "ports.json", tmp_path / "state"
+    env = {**os.environ, "NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "400000"}  # ping every 0.2 s
+    with listen_datagram(str(path)) as sock, open(tmp_path / "daemon.log", "w+") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "rnnlm.cli", "serve", "--model", str(model_path),
+                                 "--bind", "tcp://127.0.0.1:0", "--metrics-addr", "127.0.0.1:0",
+                                 "--port-file", str(port_file), "--state-dir", str(state)],
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            assert sock.recv(4096) == b"READY=1"
+            # READY means serving: the sockets are bound and both endpoints answer at once.
+            ports = json.loads(port_file.read_text())
+            with Client(ports["endpoint"], timeout=5) as client:
+                assert client.ping()["pong"]
+            with urllib.request.urlopen(ports["metrics"], timeout=5) as response:
+                assert b"rnnlm_model_info" in response.read()
+            assert [sock.recv(4096) for _ in range(3)] == [b"WATCHDOG=1"] * 3
+            proc.send_signal(signal.SIGTERM)
+            while (message := sock.recv(4096)) == b"WATCHDOG=1":
+                pass
+            assert message == b"STOPPING=1"
+            assert proc.wait(60) == 0
+        finally:
+            proc.kill() if proc.poll() is None else None
+        assert list(state.glob("state-*.pt")), "the final checkpoint came after STOPPING=1"
+
+
+def test_notify_speaks_to_abstract_sockets_and_is_a_no_op_without_systemd(monkeypatch):
+    name = f"rnnlm-test-{os.getpid()}"
+    with listen_datagram("\0" + name) as sock:
+        monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+        assert systemd.notify("STATUS=testing") is True
+        assert sock.recv(4096) == b"STATUS=testing"
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    assert systemd.notify("READY=1") is False
+    monkeypatch.setenv("NOTIFY_SOCKET", "/nonexistent/notify.sock")
+    assert systemd.notify("READY=1") is False, "a missing socket is not an error"
+    # The watchdog interval is half of WATCHDOG_USEC, and only for the process systemd watches.
+    monkeypatch.setenv("WATCHDOG_USEC", "30000000")
+    assert systemd.Watchdog().interval == 15.0
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid() + 1))
+    assert not systemd.Watchdog().enabled
+    monkeypatch.delenv("WATCHDOG_PID")
+    monkeypatch.delenv("WATCHDOG_USEC")
+    assert not systemd.Watchdog().enabled and systemd.Watchdog().ping() is False
+
+
+def test_the_healthcheck_pings_through_the_main_loop(daemon):
+    script = DEPLOY / "healthcheck.py"
+    assert run(sys.executable, script, "--endpoint", daemon.endpoint, "--timeout", "10").returncode == 0
+    dead = run(sys.executable, script, "--endpoint", f"tcp://127.0.0.1:{free_port()}", "--timeout", "0.5")
+    assert dead.returncode == 1 and "no answer" in dead.stderr
+
+
+# --- Docker ------------------------------------------------------------------------------------------
+
+def compose() -> dict:
+    return yaml.safe_load((DEPLOY / "docker" / "docker-compose.yml").read_text())
+
+
+def bind_mounts(service: dict):
+    """(container path, host path) of a compose service's bind mounts (named volumes skipped)."""
+    for volume in service.get("volumes", []):
+        source, target = volume.split(":")[:2]
+        if source.startswith("."):
+            yield target, (DEPLOY / "docker" / source).resolve()
+
+
+def materialize_mounts(service: dict, root: Path) -> Path:
+    for target, source in bind_mounts(service):
+        dest = root / target.lstrip("/")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, dest)
+    return root
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    lines = [line for line in (DEPLOY / "docker" / "Dockerfile").read_text().splitlines()
+             if line.strip() and not line.lstrip().startswith("#")]  # comments may sit inside a continuation
+    text = "\n".join(lines).replace("\\\n", " ")
+    return [tuple(line.split(None, 1)) for line in text.splitlines()]
+
+
+def test_the_dockerfile_builds_what_the_issue_asks():
+    steps = dockerfile_instructions()
+    assert steps[0] == ("FROM", "python:3.11-slim")
+    runs = " ".join(arg for op, arg in steps if op == "RUN")
+    assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in runs
+    (user,) = [arg for op, arg in steps if op == "USER"]
+    assert user.split(":")[0] not in ("0", "root")
+    (entrypoint,) = [json.loads(arg) for op, arg in steps if op == "ENTRYPOINT"]  # exec form: a JSON list
+    assert entrypoint[:2] == ["rnnlm", "serve"] and {a for a in entrypoint if a.startswith("--")} <= SERVE_OPTIONS
+    assert entrypoint[entrypoint.index("--state-dir") + 1] == "/var/lib/rnnlm"
+    assert entrypoint[entrypoint.index("--bind") + 1].startswith("tcp://0.0.0.0:")
+    assert ("VOLUME", '["/var/lib/rnnlm"]') in steps
+    # Everything it copies exists in the build context (the repository root) and is not ignored.
+    allowed = [line[1:].rstrip("/") for line in (DEPLOY / "docker" / "Dockerfile.dockerignore").read_text().splitlines()
+               if line.startswith("!")]
+    for op, arg in steps:
+        if op == "COPY":
+            for source in arg.split()[:-1]:
+                assert (ROOT / source).exists(), source
+                assert source.rstrip("/") in allowed, f"{source} is excluded by Dockerfile.dockerignore"
+    # The image's healthcheck and the k8s probes run the script where the image puts it.
+    assert ("COPY", "deploy/healthcheck.py /opt/rnnlm/healthcheck.py") in steps
+
+
+def test_hadolint_finds_nothing_in_the_dockerfile():
+    result = run(tool("hadolint", required=False), DEPLOY / "docker" / "Dockerfile")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_compose_stack_wires_daemon_prometheus_and_grafana():
+    stack = compose()
+    services = stack["services"]
+    assert set(services) == {"rnnlm", "prometheus", "grafana"}
+    daemon = services["rnnlm"]
+    assert (DEPLOY / "docker" / daemon["build"]["context"] / daemon["build"]["dockerfile"]).resolve() == DEPLOY / "docker" / "Dockerfile"
+    assert "/var/lib/rnnlm" in [v.split(":")[1] for v in daemon["volumes"]]
+    for name, service in services.items():
+        assert all(p.startswith("127.0.0.1:") for p in service.get("ports", [])), f"{name} publishes beyond loopback"
+        for _, source in bind_mounts(service):
+            assert source.exists(), source
+    # Prometheus scrapes the daemon by its service name, on the port the image binds.
+    scrape = yaml.safe_load((DEPLOY / "docker" / "prometheus.yml").read_text())["scrape_configs"][0]
+    assert scrape["static_configs"][0]["targets"] == ["rnnlm:9109"]
+    docker_compose = tool("docker-compose", required=False)
+    result = run(docker_compose, "-f", DEPLOY / "docker" / "docker-compose.yml", "config", "--quiet")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- Kubernetes --------------------------------------------------------------------------------------
+
+def k8s() -> dict[str, dict]:
+    docs = [d for path in sorted((DEPLOY / "k8s").glob("*.yaml")) if path.name != "kustomization.yaml"
+            for d in load_yaml_docs(path)]
+    return {d["kind"]: d for d in docs}
+
+
+def test_the_k8s_manifests_hang_together(tmp_path):
+    objects = k8s()
+    deployment, service, pvc = objects["Deployment"], objects["Service"], objects["PersistentVolumeClaim"]
+    spec = deployment["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"]["type"] == "Recreate", "one learner, never two"
+    pod = spec["template"]["spec"]
+    labels = spec["template"]["metadata"]["labels"]
+    assert spec["selector"]["matchLabels"].items() <= labels.items()
+    assert service["spec"]["selector"].items() <= labels.items()
+    (container,) = pod["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert {p["targetPort"] for p in service["spec"]["ports"]} <= set(ports) and "metrics" in ports
+    assert {p["name"] for p in service["spec"]["ports"]} >= {"metrics"}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert volumes[mounts["/var/lib/rnnlm"]]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+    assert pod["terminationGracePeriodSeconds"] >= 120
+    assert {a for a in container.get("args", []) if a.startswith("--")} <= SERVE_OPTIONS
+    for probe in ("livenessProbe", "readinessProbe"):
+        command = container[probe]["exec"]["command"]
+        assert command[1] == "/opt/rnnlm/healthcheck.py", "the script the Dockerfile copies"
+    assert container["startupProbe"]["httpGet"]["port"] in ports
+    # The ServiceMonitor finds the Service and its named port; job = the Service's name.
+    monitor = objects["ServiceMonitor"]["spec"]
+    assert monitor["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert [e["port"] for e in monitor["endpoints"]] == ["metrics"] and service["metadata"]["name"] == "rnnlm"
+
+
+def test_the_prometheusrule_embeds_exactly_the_tested_rules(tmp_path):
+    sys.path.insert(0, str(DEPLOY / "k8s"))
+    try:
+        from render_prometheusrule import render
+    finally:
+        sys.path.pop(0)
+    rendered = (DEPLOY / "k8s" / "prometheusrule.yaml").read_text()
+    assert rendered == render(), "run: python deploy/k8s/render_prometheusrule.py"
+    groups = k8s()["PrometheusRule"]["spec"]["groups"]
+    assert groups == [g for f in RULES for g in yaml.safe_load(f.read_text())["groups"]]
+    (tmp_path / "rules.yml").write_text(yaml.safe_dump({"groups": groups}))
+    result = run(tool("promtool"), "check", "rules", tmp_path / "rules.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_kubernetes_validate_accepts_the_manifests():
+    """Against the Kubernetes OpenAPI schemas bundled in the kubernetes-validate package (offline),
+    strict: unknown fields are errors. It has no schemas for the Prometheus Operator's CRDs; those
+    are checked above (fields, and the rules by promtool)."""
+    validate = tool("kubernetes-validate", required=False)
+    core = [p for p in sorted((DEPLOY / "k8s").glob("*.yaml")) if load_yaml_docs(p)[0]["apiVersion"] in ("v1", "apps/v1")]
+    assert len(core) == 3
+    result = run(validate, "--strict", "--no-warn", *core)
+    assert result.returncode == 0 and result.stdout.count("passed") == 3, result.stdout + result.stderr
+
+
+def test_kustomize_builds_the_manifests():
+    result = run(tool("kubectl", required=False), "kustomize", DEPLOY / "k8s")
+    assert result.returncode == 0, result.stderr
+    kinds = sorted(d["kind"] for d in yaml.safe_load_all(result.stdout))
+    assert kinds == ["Deployment", "PersistentVolumeClaim", "PrometheusRule", "Service", "ServiceMonitor"]
+
+
+# --- the adaptation plot -----------------------------------------------------------------------------
+
+def test_the_adaptation_plot_is_drawn(tmp_path, model_path):
+    pytest.importorskip("matplotlib")
+    first, second = tmp_path / "first.txt", tmp_path / "second.txt"
+    first.write_text("\n".join(toy_text(60, seed=1)) + "\n")
+    rng = np.random.default_rng(2)
+    words = sorted({w for line in toy_text(400) for w in line.split()})
+    second.write_text("".join(" ".join(rng.choice(words, 5)) + ".\n\n" for _ in range(60)))
+    out = tmp_path / "plot.png"
+    result = run(sys.executable, DEPLOY / "plot_adaptation.py", first, second, "--prose", "--model", model_path,
+                 "--window", "50", "--out", out)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    assert "static" in result.stdout and "adapted" in result.stdout
