@@ -11,8 +11,6 @@ the daemon's RSS; the streamed perplexity against `evaluate` (dynamic, then lear
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,26 +24,9 @@ from rnnlm.corpus import read_lines, tokenize_line
 from rnnlm.evaluate import evaluate
 from rnnlm.model import OnlineRule
 
+from daemon_process import rss_mb, start_daemon
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def start_daemon(model: str, workdir: Path) -> tuple[subprocess.Popen, dict]:
-    ports = workdir / "ports.json"
-    proc = subprocess.Popen([sys.executable, "-m", "rnnlm.cli", "serve", "--model", model, "--bind", "tcp://127.0.0.1:0",
-                             "--metrics-addr", "127.0.0.1:0", "--port-file", str(ports)],
-                            stderr=open(workdir / "daemon.log", "w"))
-    while not ports.exists():
-        if proc.poll() is not None:
-            raise SystemExit((workdir / "daemon.log").read_text())
-        time.sleep(0.05)
-    return proc, json.loads(ports.read_text())
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def stream_through(endpoint: str, lines: list[str], stream: str, learn: bool, window: int):
@@ -84,7 +65,7 @@ def main() -> None:
           f"dynamic perplexity {dynamic.perplexity:.3f}; static {static.perplexity:.3f}", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
-        proc, ports = start_daemon(args.model, Path(tmp))
+        proc, ports = start_daemon(Path(tmp), ["--model", args.model])
         try:
             rss_idle = rss_mb(proc.pid)
             n, loss, seconds, latency = stream_through(ports["endpoint"], lines, "bench", True, args.window)

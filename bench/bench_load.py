@@ -16,9 +16,6 @@ time); the daemon's RSS is printed at the start, every `--rss-every` seconds and
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -31,28 +28,11 @@ import zmq
 
 from rnnlm.corpus import read_lines
 
+from daemon_process import rss_mb, start_daemon
+
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "rnnlm" / "data" / "sample.txt"
 ID_BASE = 1_000_000  # request id = client * ID_BASE + sequence number
-
-
-def start_daemon(workdir: Path, extra: list[str]) -> tuple[subprocess.Popen, dict]:
-    ports = workdir / "ports.json"
-    proc = subprocess.Popen([sys.executable, "-m", "rnnlm.cli", "serve", "--bind", "tcp://127.0.0.1:0",
-                             "--metrics-addr", "127.0.0.1:0", "--port-file", str(ports), *extra],
-                            stderr=open(workdir / "daemon.log", "w"))
-    while not ports.exists():
-        if proc.poll() is not None:
-            raise SystemExit((workdir / "daemon.log").read_text())
-        time.sleep(0.05)
-    return proc, json.loads(ports.read_text())
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def scrape_sum(url: str, name: str) -> float:
