@@ -29,14 +29,14 @@ from daemon_process import rss_mb, start_daemon
 REPO = Path(__file__).resolve().parent.parent
 
 
-def stream_through(endpoint: str, lines: list[str], stream: str, learn: bool, window: int):
+def stream_through(endpoint: str, lines: list[str], stream: str, learn: bool, window: int, domain: str = "default"):
     sent: dict[int, float] = {}
     latencies, loss, words = [], 0.0, 0
     with Client(endpoint) as client:
         def requests():
             for line in lines:
                 sent[len(sent)] = time.perf_counter()
-                yield {"op": "score", "stream": stream, "text": line, "learn": learn}
+                yield {"op": "score", "stream": stream, "domain": domain, "text": line, "learn": learn}
 
         start = time.perf_counter()
         for i, reply in enumerate(client.pipeline(requests(), window)):
@@ -70,8 +70,8 @@ def main() -> None:
             rss_idle = rss_mb(proc.pid)
             n, loss, seconds, latency = stream_through(ports["endpoint"], lines, "bench", True, args.window)
             rss_after = rss_mb(proc.pid)
-            n_frozen, loss_frozen, _, _ = stream_through(ports["endpoint"], lines, "frozen", False, args.window)
-            _, _, _, unloaded = stream_through(ports["endpoint"], lines[:1000], "one-by-one", True, 1)
+            n_frozen, loss_frozen, _, _ = stream_through(ports["endpoint"], lines, "frozen", False, args.window, domain="frozen")
+            _, _, _, unloaded = stream_through(ports["endpoint"], lines[:1000], "one-by-one", True, 1, domain="one-by-one")
         finally:
             proc.terminate()
             proc.wait(60)

@@ -30,9 +30,10 @@ class Tally:
     seconds: float = 0.0
 
     def add(self, logp: np.ndarray, kinds: np.ndarray) -> None:
+        counts = np.bincount(kinds, minlength=3)
         self.words += int(logp.shape[0])
-        self.oov += int(np.count_nonzero(kinds == OOV))
-        self.rare += int(np.count_nonzero(kinds == RARE_WORD))
+        self.oov += int(counts[OOV])
+        self.rare += int(counts[RARE_WORD])
         self.loss_nats -= float(logp.sum())
 
     @property

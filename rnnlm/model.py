@@ -155,7 +155,9 @@ class RNNLM:
         """ln P(word) for each word (eq. 7 applied to rare words), each word's kind, updates applied."""
         ids, kinds = self.vocab.encode(words)
         logp, learned = self.step(ids, state, rule, weights)
-        return logp + self.vocab.word_logprob_offset(kinds), kinds, learned
+        if kinds.any():  # some rare or OOV word
+            logp += self.vocab.word_logprob_offset(kinds)
+        return logp, kinds, learned
 
     def describe(self) -> dict:
         return {

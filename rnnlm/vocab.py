@@ -74,20 +74,17 @@ class Vocabulary:
 
     def encode(self, tokens: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
         """Token ids for the network and, per token, KNOWN, RARE_WORD or OOV."""
-        ids, kinds = [], []
-        index, rare_words = self.index, self.rare_words
-        for token in tokens:
-            i = index.get(token)
-            if i is not None and i != self.rare_id:
-                ids.append(i)
-                kinds.append(KNOWN)
-            elif token in rare_words:
-                ids.append(self.rare_id)
-                kinds.append(RARE_WORD)
-            else:
-                ids.append(self.rare_id if self.unk_id is None else self.unk_id)
-                kinds.append(OOV)
-        return np.asarray(ids, dtype=np.int32), np.asarray(kinds, dtype=np.int8)
+        index = self.index
+        ids = np.fromiter((index.get(t, -1) for t in tokens), dtype=np.int32)
+        kinds = np.zeros(len(ids), dtype=np.int8)
+        unknown = (ids < 0) | (ids == self.rare_id)
+        if unknown.any():  # rare and OOV words are few: sort them out one by one
+            tokens = list(tokens) if not isinstance(tokens, list) else tokens
+            for i in np.flatnonzero(unknown):
+                kinds[i] = RARE_WORD if tokens[i] in self.rare_words else OOV
+            oov_id = self.rare_id if self.unk_id is None else self.unk_id
+            ids[unknown] = np.where(kinds[unknown] == RARE_WORD, self.rare_id, oov_id)
+        return ids, kinds
 
     def word_logprob_offset(self, kinds: np.ndarray) -> np.ndarray:
         """What to add to the network's ln P(token id) to get ln P(word): eq. 7's 1/C_rare share."""
