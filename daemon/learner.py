@@ -7,10 +7,15 @@ Decay toward the base weights, the base model's shadow and the rollback guard ar
 A saved state is checked in full before it is used (`restore`): every tensor's shape and dtype,
 finite values, word ids inside the vocabulary (the compiled step does not bounds-check them), so a
 damaged or tampered file is refused with a clear error instead of crashing the process later.
+
+With a mixture (`--extra-model`, `--ngram`; combination.py) every domain also holds adapted weights
+for each extra RNN and every stream a state per extra RNN and the n-gram's history; checkpoints hold
+them too, under the same checks.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -25,6 +30,7 @@ from rnnlm import kernels
 from rnnlm.model import RNNLM, OnlineRule, StreamState, Weights
 from rnnlm.vocab import OOV, RARE_WORD
 
+from .combination import Combination
 from .guard import FROZEN, AdaptConfig, Adaptation, GuardState, Sample
 from .protocol import MAX_NAME, ProtocolError, Request
 
@@ -42,6 +48,8 @@ class Domain:
     skipped: int = 0  # updates not applied (non-finite loss)
     tally: Tally = field(default_factory=Tally)
     guard: GuardState = field(default_factory=GuardState)  # shadow comparison, snapshots, rollbacks
+    extra: list[Weights] = field(default_factory=list)  # with a mixture: each extra RNN's adapted weights
+    rnn_loss: float = 0.0  # with a mixture: -Σ ln P of the primary RNN alone (the tally holds the mixture's)
 
 
 @dataclass
@@ -50,6 +58,8 @@ class Stream:
     tally: Tally = field(default_factory=Tally)
     last_seen: float = field(default_factory=time.monotonic)
     shadow: StreamState | None = None  # the base model's own context for this stream (sampled messages only)
+    extra: list[StreamState] = field(default_factory=list)  # with a mixture: each extra RNN's state
+    history: list[int] | None = None  # with an n-gram: its history (word ids), carried across messages
 
 
 @dataclass
@@ -63,14 +73,20 @@ class ScoreResult:
     skipped: int
     sample: Sample | None = None  # set when the base model's shadow scored this message too
     rolled_back: str | None = None  # why the domain was rolled back after this message, if it was
+    rnn_logprobs: np.ndarray | None = None  # with a mixture: the primary RNN's own (logprobs are the mixture's)
 
 
 class Learner:
     def __init__(self, model: RNNLM, rule: OnlineRule, max_streams: int = 10_000, max_domains: int = 16,
-                 stream_idle_seconds: float = 3600.0, adapt: AdaptConfig | None = None):
+                 stream_idle_seconds: float = 3600.0, adapt: AdaptConfig | None = None,
+                 combination: Combination | None = None):
         self.model = model  # its weights are the base model's and never change
         self.rule = rule
         self.adaptation = Adaptation(adapt or AdaptConfig(), model)
+        self.combination = combination  # extra RNNs and an n-gram in every score (combination.py), or None
+        if combination is not None:  # the extra RNNs decay toward their own base weights, at the same rate
+            decay = AdaptConfig(decay_to_base=self.adaptation.config.decay_to_base)
+            self.extra_adaptations = [Adaptation(decay, m) for m in combination.extras]
         self.max_streams = max_streams
         self.max_domains = max_domains
         self.stream_idle_seconds = stream_idle_seconds
@@ -86,6 +102,8 @@ class Learner:
             if len(self.domains) >= self.max_domains:
                 raise ProtocolError("too_many_domains", f"at most {self.max_domains} domains; '{name}' would be one more")
             domain = self.domains[name] = Domain(self.model.weights.copy())
+            if self.combination is not None:
+                domain.extra = self.combination.new_weights()
         return domain
 
     def stream(self, domain: str, name: str) -> Stream:
@@ -96,6 +114,9 @@ class Learner:
                 self.streams.popitem(last=False)
                 self.evicted["lru"] += 1
             stream = self.streams[key] = Stream(self.model.new_state(self.rule))
+            if self.combination is not None:
+                stream.extra = self.combination.new_states(self.rule)
+                stream.history = self.combination.new_history()
         else:
             self.streams.move_to_end(key)
         stream.last_seen = time.monotonic()
@@ -111,24 +132,51 @@ class Learner:
         learn = request.learn and self.rule.learn
         rule = self.rule if learn else OnlineRule(learn=False)
         logprobs, kinds, applied = self.model.score_words(words, stream.state, rule, domain.weights)
+        rnn_logprobs = None
+        if self.combination is not None:
+            rnn_logprobs, (logprobs, extra_applied) = logprobs, self.combination.score(
+                words, logprobs, domain.extra, stream.extra, stream.history, rule)
+            domain.rnn_loss -= float(rnn_logprobs.sum())
         skipped = len(words) - applied if learn else 0
         for tally in (stream.tally, domain.tally):
             tally.add(logprobs, kinds)
         domain.updates += applied
         domain.skipped += skipped
-        result = ScoreResult(logprobs, kinds, words, stream, domain, applied, skipped)
+        result = ScoreResult(logprobs, kinds, words, stream, domain, applied, skipped, rnn_logprobs=rnn_logprobs)
         adaptation = self.adaptation
         if applied:
             adaptation.decay(domain.weights)
         if skipped and not domain.weights.all_finite():
             result.rolled_back = adaptation.roll_back(domain.guard, domain.weights, "weights not finite")
+        if rnn_logprobs is not None:
+            self._adapt_extras(domain, extra_applied, len(words) if learn else 0, result)
         if adaptation.sample():
             if stream.shadow is None:
                 stream.shadow = self.model.new_state(FROZEN)
             base, _, _ = self.model.score_words(words, stream.shadow, FROZEN, self.model.weights)
-            result.sample = Sample(-float(logprobs.sum()), -float(base.sum()), len(words))
-            result.rolled_back = adaptation.observe(domain.guard, domain.weights, result.sample, words) or result.rolled_back
+            sample = result.sample = Sample(-float(rnn_logprobs.sum() if rnn_logprobs is not None else logprobs.sum()),
+                                            -float(base.sum()), len(words))
+            rolled_back = adaptation.observe(domain.guard, domain.weights, sample, words)
+            if rolled_back and self.combination is not None:
+                self._reset_extras(domain)
+            result.rolled_back = rolled_back or result.rolled_back
         return result
+
+    def _adapt_extras(self, domain: Domain, applied: list[int], tried: int, result: ScoreResult) -> None:
+        """Decay for the extra RNNs, and their non-finite check (back to their base weights)."""
+        for j, weights in enumerate(domain.extra):
+            if applied[j]:
+                self.extra_adaptations[j].decay(weights)
+            if applied[j] < tried and not weights.all_finite():
+                weights.assign(self.combination.extras[j].weights)
+                domain.guard.rollbacks += 1
+                why = f"extra model {j + 1}'s weights not finite; back to its base weights"
+                result.rolled_back = f"{result.rolled_back}; {why}" if result.rolled_back else why
+
+    def _reset_extras(self, domain: Domain) -> None:
+        """The guard rolled the primary RNN back: the extra RNNs (no snapshots) go back to their base."""
+        for weights, model in zip(domain.extra, self.combination.extras):
+            weights.assign(model.weights)
 
     def reset(self, domain: str, name: str) -> bool:
         return self.streams.pop((domain, name), None) is not None
@@ -142,6 +190,7 @@ class Learner:
         return len(stale)
 
     def stats(self) -> dict:
+        mixing = self.combination is not None
         return {
             "streams": len(self.streams),
             "streams_evicted": dict(self.evicted),
@@ -157,6 +206,9 @@ class Learner:
                     "sampled_tokens": d.guard.sampled_tokens,
                     "sampled_loss_nats": d.guard.sampled_loss,
                     "base_loss_nats": d.guard.base_loss_total,
+                    **({"rnn_loss_nats": d.rnn_loss,
+                        "rnn_perplexity": math.exp(d.rnn_loss / d.tally.words) if d.tally.words else None}
+                       if mixing else {}),
                 }
                 for name, d in self.domains.items()
             },
@@ -165,8 +217,12 @@ class Learner:
     # --- checkpoints ---------------------------------------------------------------------------
 
     def to_payload(self) -> dict:
-        """Everything needed to continue exactly where we are: base model, domains, streams."""
-        return {
+        """Everything needed to continue exactly where we are: base model, domains, streams.
+
+        With a mixture also: which extra models and n-gram the state belongs to, each domain's
+        adapted weights of every extra RNN, each stream's state per extra RNN and n-gram history."""
+        combination = self.combination
+        payload = {
             "model": model_payload(self.model),
             "domains": {
                 name: {"weights": weights_to_tensors(d.weights), "updates": d.updates, "skipped": d.skipped,
@@ -174,12 +230,21 @@ class Learner:
                 for name, d in self.domains.items()
             },
             "streams": [
-                {"domain": dom, "stream": name, "tally": _tally_state(s.tally),
-                 **{k: torch.from_numpy(getattr(s.state, k)) for k in ("hidden", "inputs", "errors", "meta")}}
+                {"domain": dom, "stream": name, "tally": _tally_state(s.tally), **_state_tensors(s.state)}
                 for (dom, name), s in self.streams.items()
             ],
             "evicted": dict(self.evicted),
         }
+        if combination is not None:
+            payload["components"] = [dict(p) for p in combination.fingerprints]
+            for name, d in self.domains.items():
+                payload["domains"][name].update(extra_weights=[weights_to_tensors(w) for w in d.extra],
+                                                rnn_loss_nats=d.rnn_loss)
+            for entry, s in zip(payload["streams"], self.streams.values()):
+                entry["extra_states"] = [_state_tensors(state) for state in s.extra]
+                if s.history is not None:
+                    entry["ngram_history"] = torch.tensor(combination.saved_history(s.history), dtype=torch.int64)
+        return payload
 
     def restore(self, payload: dict, where: str) -> None:
         """Take the domains and streams of a saved state (its base model must be ours).
@@ -188,29 +253,35 @@ class Learner:
         says what is wrong with the file."""
         domains: dict[str, Domain] = {}
         streams: OrderedDict[tuple[str, str], Stream] = OrderedDict()
+        combination = self.combination
+        extras = combination.extras if combination is not None else []
         try:
-            cfg, vocab = self.model.config, self.model.vocab
             if len(payload["domains"]) > self.max_domains:
                 raise CheckpointError(f"{where}: {len(payload['domains'])} domains, more than --max-domains {self.max_domains}")
             for name, d in payload["domains"].items():
                 _check_name(name, "domain", where)
-                weights = weights_from_tensors(d["weights"], len(vocab), cfg.hidden, vocab.num_classes, where)
+                weights = _weights_for(self.model, d["weights"], where)
                 updates, skipped = _count(d["updates"], where), _count(d["skipped"], where)
-                domains[name] = Domain(weights, updates, skipped, _tally_from(d["tally"], where))
+                domains[name] = domain = Domain(weights, updates, skipped, _tally_from(d["tally"], where))
+                if combination is not None:
+                    saved = _list_of(d["extra_weights"], len(extras), "extra models' weights", where)
+                    domain.extra = [_weights_for(m, w, where) for m, w in zip(extras, saved)]
+                    domain.rnn_loss = _tally_from({"loss_nats": d["rnn_loss_nats"]}, where, ("loss_nats",)).loss_nats
             for s in payload["streams"]:
                 _check_name(s["domain"], "domain", where)
                 _check_name(s["stream"], "stream", where)
                 if s["domain"] not in domains:
                     raise CheckpointError(f"{where}: a stream of domain {s['domain']!r}, which the file does not hold")
-                state = self.model.new_state(self.rule)
-                for k, dtype in STATE_DTYPES.items():
-                    tensor, target = s[k], getattr(state, k)
-                    if not isinstance(tensor, torch.Tensor) or tensor.dtype != dtype or tuple(tensor.shape) != target.shape:
-                        raise CheckpointError(f"{where}: stream state '{k}' is not {dtype} of shape {target.shape} "
-                                              "(or its window differs from this daemon's)")
-                    np.copyto(target, tensor.numpy())
-                _check_stream_state(state, len(vocab), where)
-                streams[(s["domain"], s["stream"])] = Stream(state, _tally_from(s["tally"], where))
+                stream = Stream(self._state_from(self.model, s, where), _tally_from(s["tally"], where))
+                if combination is not None:
+                    saved = _list_of(s["extra_states"], len(extras), "extra models' stream states", where)
+                    stream.extra = [self._state_from(m, state, where) for m, state in zip(extras, saved)]
+                    if combination.ngram is not None:
+                        ids = s["ngram_history"]
+                        if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64:
+                            raise CheckpointError(f"{where}: a stream's n-gram history is not an int64 tensor")
+                        stream.history = combination.check_history(ids.numpy(), where)
+                streams[(s["domain"], s["stream"])] = stream
             evicted = {k: _count(v, where) for k, v in payload.get("evicted", {}).items() if k in self.evicted}
         except CheckpointError:
             raise
@@ -222,18 +293,45 @@ class Learner:
         self.streams.update(streams)
         self.evicted.update(evicted)
 
+    def _state_from(self, model: RNNLM, saved: dict, where: str) -> StreamState:
+        """A saved stream state of `model`, checked: dtypes, shapes (the window), ids, finite values."""
+        state = model.new_state(self.rule)
+        for k, dtype in STATE_DTYPES.items():
+            tensor, target = saved[k], getattr(state, k)
+            if not isinstance(tensor, torch.Tensor) or tensor.dtype != dtype or tuple(tensor.shape) != target.shape:
+                raise CheckpointError(f"{where}: stream state '{k}' is not {dtype} of shape {target.shape} "
+                                      "(or its window differs from this daemon's)")
+            np.copyto(target, tensor.numpy())
+        _check_stream_state(state, len(model.vocab), where)
+        return state
+
 
 def base_model_of(payload: dict, where: str) -> RNNLM:
     return model_from_payload(payload["model"], where)
+
+
+def _state_tensors(state: StreamState) -> dict:
+    return {k: torch.from_numpy(getattr(state, k)) for k in STATE_DTYPES}
+
+
+def _weights_for(model: RNNLM, tensors, where: str) -> Weights:
+    cfg, vocab = model.config, model.vocab
+    return weights_from_tensors(tensors, len(vocab), cfg.hidden, vocab.num_classes, where)
+
+
+def _list_of(value, count: int, what: str, where: str) -> list:
+    if not isinstance(value, list) or len(value) != count:
+        raise CheckpointError(f"{where}: {what}: expected a list of {count}")
+    return value
 
 
 def _tally_state(tally: Tally) -> dict:
     return {k: getattr(tally, k) for k in TALLY_FIELDS}
 
 
-def _tally_from(state: dict, where: str = "state") -> Tally:
+def _tally_from(state: dict, where: str = "state", fields: tuple[str, ...] = TALLY_FIELDS) -> Tally:
     tally = Tally()
-    for k in TALLY_FIELDS:
+    for k in fields:
         value = state[k]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
             raise CheckpointError(f"{where}: tally field {k} is not a finite non-negative number")

@@ -2,6 +2,9 @@
 
 Perplexity over any window is computed by Prometheus from two counters:
     exp(rate(rnnlm_loss_nats_total[5m]) / rate(rnnlm_tokens_total[5m]))
+With a mixture configured, rnnlm_loss_nats_total is the mixture's (what the daemon answers) and
+rnnlm_rnn_loss_nats_total the primary RNN's alone on the same tokens; the gap between the two
+windowed perplexities is what the mixture buys.
 The running-perplexity gauge is for display.
 """
 
@@ -25,6 +28,9 @@ class Metrics:
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         self.loss = Counter(f"{PREFIX}_loss_nats", "Cumulative log-loss -ln P of scored tokens, in nats.", ["domain"], registry=r)
+        self.rnn_loss = Counter(f"{PREFIX}_rnn_loss_nats", "With a mixture (--ngram, --extra-model): -ln P of the same "
+                                "tokens under the primary RNN alone, in nats (rnnlm_loss_nats_total is the mixture's).",
+                                ["domain"], registry=r)
         self.tokens = Counter(f"{PREFIX}_tokens", "Tokens scored (sentence ends included).", ["domain"], registry=r)
         self.oov = Counter(f"{PREFIX}_oov_tokens", "Scored tokens never seen in training (OOV).", ["domain"], registry=r)
         self.rare = Counter(f"{PREFIX}_rare_tokens", "Scored tokens that were rare training words (eq. 7).", ["domain"], registry=r)

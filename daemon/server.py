@@ -26,6 +26,7 @@ from rnnlm.model import OnlineRule
 from . import protocol
 from . import systemd
 from .auth import CurveServer
+from .combination import Combination, Parts, describe_components, same_components, saved_fingerprints
 from .guard import AdaptConfig
 from .learner import STATE_FORMAT, Learner, base_model_of, token_flags
 from .metrics import Metrics
@@ -61,6 +62,9 @@ class ServeConfig:
     shadow_sample: float = 0.0
     guard_margin: float | None = None
     guard_window: int = 2000
+    extra_models: tuple[str, ...] = ()  # extra RNNs in every score (combination.py), adapting like the primary
+    ngram: str | None = None  # an ARPA model in every score
+    weights: tuple[float, ...] | None = None  # primary, extras, n-gram; None: the n-gram 0.25, the RNNs share the rest
 
 
 class Server:
@@ -90,7 +94,11 @@ class Server:
         cfg = self.config
         self.learner = self.load_learner()
         model = self.learner.model
-        self.metrics.info.info({k: str(v) for k, v in {**model.describe(), "lr": cfg.lr, "learning": cfg.learn}.items()})
+        components = self.components()
+        self.metrics.info.info({k: str(v) for k, v in {
+            **model.describe(), "lr": cfg.lr, "learning": cfg.learn,
+            "components": ", ".join(f"{c['name']} ({c['kind']})" for c in components),
+            "weights": ",".join(f"{c['weight']:.6g}" for c in components)}.items()})
         self.ctx = zmq.Context()
         self.curve = (CurveServer(self.ctx, cfg.curve_secret_key, cfg.curve_authorized_dir, self.metrics.handshake_failures)
                       if cfg.curve_secret_key else None)
@@ -221,6 +229,11 @@ class Server:
         result = self.learner.score(request)
         m, d = self.metrics, request.domain
         n, loss = len(result.words), -float(result.logprobs.sum())
+        mixture = {}
+        if result.rnn_logprobs is not None:
+            rnn_loss = -float(result.rnn_logprobs.sum())
+            m.rnn_loss.labels(d).inc(rnn_loss)
+            mixture = {"rnn_logprobs": result.rnn_logprobs.tolist(), "rnn_loss": rnn_loss}
         oov, rare = token_flags(result.kinds)
         m.tokens.labels(d).inc(n)
         m.loss.labels(d).inc(loss)
@@ -254,6 +267,7 @@ class Server:
             stream_tokens=result.stream.tally.words,
             updates=result.domain.updates,
             learned=result.applied,
+            **mixture,
         )
 
     def op_reset(self, request: protocol.Request) -> dict:
@@ -278,7 +292,13 @@ class Server:
         return protocol.ok(request.id, protocol=protocol.VERSION, model=cfg.model or "bundled default",
                            **self.learner.model.describe(), lr=cfg.lr, learning=cfg.learn,
                            max_tokens=cfg.max_tokens, max_message_bytes=cfg.max_message_bytes,
-                           eos="</s>", logprob_base="e")
+                           eos="</s>", logprob_base="e", components=self.components())
+
+    def components(self) -> list[dict]:
+        """The models in every score: name, kind, weight (the primary RNN alone when not mixing)."""
+        if self.learner.combination is None:
+            return [{"name": self.config.model or "bundled default", "kind": "rnn", "weight": 1.0}]
+        return self.learner.combination.describe()
 
     # --- state ---------------------------------------------------------------------------------
 
@@ -292,8 +312,15 @@ class Server:
         rule = OnlineRule(lr=cfg.lr, learn=cfg.learn)
         adapt = AdaptConfig(cfg.decay_to_base, cfg.shadow_sample, cfg.guard_margin, cfg.guard_window)
 
+        parts = None
+        if cfg.extra_models or cfg.ngram:
+            parts = Parts.load(cfg.extra_models, cfg.ngram, cfg.weights or default_weights(len(cfg.extra_models), cfg.ngram))
+            log.info("combining every score with %s", describe_components(parts.fingerprints))
+        ours = parts.fingerprints if parts is not None else []
+
         def new_learner(model) -> Learner:
-            return Learner(model, rule, cfg.max_streams, cfg.max_domains, cfg.stream_idle_seconds, adapt)
+            combination = Combination(model, cfg.model or "bundled default", parts) if parts is not None else None
+            return Learner(model, rule, cfg.max_streams, cfg.max_domains, cfg.stream_idle_seconds, adapt, combination)
 
         self.remove_temporary_files()
         files = self.checkpoint_files()
@@ -302,12 +329,18 @@ class Server:
             try:
                 payload = read_checked(path, STATE_FORMAT)
                 model = base_model_of(payload, str(path))
+                saved = saved_fingerprints(payload, str(path))
             except CheckpointError as err:
                 log.warning("skipping %s", err)
                 continue
             if given is not None and not same_model(model, given):
                 raise CheckpointError(f"{path} continues a different model than {cfg.model}; "
                                       "use another --state-dir to start fresh")
+            if not same_components(saved, ours):
+                raise CheckpointError(f"{path} holds the state of a daemon combining {describe_components(saved)}, "
+                                      f"but this one combines {describe_components(ours)}: restart with the same "
+                                      "--extra-model and --ngram files (in the same order), or use another "
+                                      "--state-dir to start fresh")
             learner = new_learner(model)
             try:
                 learner.restore(payload, str(path))
@@ -369,6 +402,13 @@ class Server:
             self.metrics.evicted.labels("lru").inc(lru - self.lru_evictions_reported)
             self.metrics.limits.labels("streams").inc(lru - self.lru_evictions_reported)
             self.lru_evictions_reported = lru
+
+
+def default_weights(extra_count: int, ngram: str | None, ngram_weight: float = 0.25) -> list[float]:
+    """As `rnnlm eval`: the n-gram gets `ngram_weight`, the RNNs (primary and extras) share the rest."""
+    rnns = 1 + extra_count
+    kn = ngram_weight if ngram else 0.0
+    return [(1.0 - kn) / rnns] * rnns + ([kn] if ngram else [])
 
 
 def same_model(a, b) -> bool:

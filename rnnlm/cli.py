@@ -308,17 +308,25 @@ def evaluate_static_parallel(model: RNNLM, lines: list[str], threads: int) -> Ta
 @click.option("--shadow-sample", default=0.0, show_default=True, type=click.FloatRange(0, 1), help="Fraction of score messages also scored by the base model, for the adapted-vs-base metrics; 0 = off.")
 @click.option("--guard-margin", default=None, type=click.FloatRange(0), help="Roll a domain back when its adapted perplexity on the sample exceeds the base model's by this fraction (0.1 = 10 %); needs --shadow-sample.")
 @click.option("--guard-window", default=2000, show_default=True, type=click.IntRange(1), help="Sampled tokens per guard comparison.")
+@click.option("--extra-model", "extra_models", multiple=True, type=click.Path(dir_okay=False), help="Another RNN model in every score, adapting per domain like --model; repeat for more.")
+@click.option("--ngram", "ngram_file", default=None, type=click.Path(dir_okay=False), help="ARPA backoff model (e.g. from `rnnlm ngram build`) in every score.")
+@click.option("--ngram-weight", type=click.FloatRange(0, 1), default=None, help="Weight of the --ngram model (default 0.25); the RNNs share the rest equally.")
+@click.option("--weights", "weights_text", default=None, metavar="W1,W2,...", help="Mixture weights: --model, each --extra-model in order, then the n-gram's; they sum to 1.")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
 @friendly_errors
 def serve(model_file, bind, pull_bind, metrics_addr, state_dir, port_file, lr, no_learn, checkpoint_tokens,
           checkpoint_seconds, keep_checkpoints, max_streams, stream_idle_seconds, max_domains, max_tokens,
           max_message_bytes, max_pending, curve_secret_key, curve_authorized_dir, decay_to_base, shadow_sample,
-          guard_margin, guard_window, log_level):
+          guard_margin, guard_window, extra_models, ngram_file, ngram_weight, weights_text, log_level):
     """Run the daemon: score text streamed over ZeroMQ and keep learning from it.
 
     Every word is scored with the current weights, then the network takes one SGD step on it at
     --lr (0.01, the dynamic model). Runs in the foreground; SIGTERM answers what is in hand,
     writes a checkpoint and exits 0. The wire protocol is in PROTOCOL.md.
+
+    With --extra-model and/or --ngram, every score interpolates the models word by word as
+    `rnnlm eval` does (every RNN adapting per domain); replies and metrics also give the --model
+    RNN's own loss, so the gain of the mixture shows.
     """
     import logging
 
@@ -328,6 +336,12 @@ def serve(model_file, bind, pull_bind, metrics_addr, state_dir, port_file, lr, n
         raise click.UsageError("--curve-secret-key and --curve-authorized-dir go together")
     if guard_margin is not None and not shadow_sample:
         raise click.UsageError("--guard-margin compares against the base model's shadow: give --shadow-sample too")
+    weights = None
+    if extra_models or ngram_file:
+        _need_files(*extra_models, ngram_file)
+        weights = tuple(_mixture_weights(weights_text, ngram_weight, 1 + len(extra_models), bool(ngram_file)))
+    elif weights_text is not None or ngram_weight is not None:
+        raise click.UsageError("--weights and --ngram-weight need --extra-model or --ngram")
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if curve_secret_key is None and not all(_is_loopback(e) for e in (bind, pull_bind) if e):
         logging.getLogger("rnnlm.daemon").warning(
@@ -340,7 +354,8 @@ def serve(model_file, bind, pull_bind, metrics_addr, state_dir, port_file, lr, n
                          max_message_bytes=max_message_bytes, max_in_hand=max_pending,
                          curve_secret_key=curve_secret_key, curve_authorized_dir=curve_authorized_dir,
                          decay_to_base=decay_to_base, shadow_sample=shadow_sample, guard_margin=guard_margin,
-                         guard_window=guard_window)
+                         guard_window=guard_window, extra_models=tuple(extra_models), ngram=ngram_file,
+                         weights=weights)
     sys.exit(Server(config).run())
 
 

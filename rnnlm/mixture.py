@@ -143,11 +143,16 @@ class NGramComponent:
         self.lm, self.name = lm, name
         self.known = frozenset(lm.vocab) - NOT_EVENTS
 
-    def logprobs(self, tokens: Sequence[str], lumped: int) -> np.ndarray:
-        """ln P of each token; a token it cannot name gets P(<unk> | h) / `lumped`."""
+    def logprobs(self, tokens: Sequence[str], lumped: int, history: list[int] | None = None) -> np.ndarray:
+        """ln P of each token; a token it cannot name gets P(<unk> | h) / `lumped`.
+
+        The stream starts at `<s>`, or continues from `history` (a stream's context, from
+        `self.lm.new_history()`), which is left where the tokens end: the daemon scores a stream
+        message by message this way, exactly as the whole stream at once.
+        """
         known = self.known
         mapped = [t if t in known else UNK for t in tokens]
-        logp = np.fromiter(self.lm.stream_logprobs(mapped), dtype=np.float64, count=len(mapped))
+        logp = np.fromiter(self.lm.stream_logprobs(mapped, history), dtype=np.float64, count=len(mapped))
         caught = np.fromiter((t == UNK for t in mapped), dtype=bool, count=len(mapped))
         return np.where(caught, logp - math.log(lumped), logp)
 

@@ -176,25 +176,37 @@ class BackoffLM:
             history.append(w)
         return out
 
-    def stream_logprobs(self, tokens: Iterable[str]) -> Iterator[float]:
+    def new_history(self) -> list[int]:
+        """The history of a stream that has not started yet: `<s>`."""
+        return [self.bos]
+
+    def stream_logprobs(self, tokens: Iterable[str], history: list[int] | None = None) -> Iterator[float]:
         """ln P of each token of a running text in which `</s>` ends each sentence.
 
         The token stream the RNN side reads (`rnnlm.corpus.read_tokens`) has this shape, so the
         two models' per-word probabilities line up for interpolation. The history restarts at
         `<s>` after every `</s>` (and at the start).
+
+        `history` (word ids, oldest first, from `new_history`) lets a stream be scored in pieces:
+        scoring starts from it and leaves it, in place, where the tokens end (it keeps at least the
+        last order-1 ids), so pieces score exactly as the whole text would.
         """
-        history = [self.bos]
+        if history is None:
+            history = self.new_history()
         keep = self.order - 1
         score, word_id, eos = self.logprob_ids, self.word_id, self.eos
         for token in tokens:
             w = word_id(token)
-            yield score(w, history)
+            logprob = score(w, history)
+            # The history moves on before the yield: a consumer that stops after the last token
+            # (np.fromiter with a count) leaves it where the tokens end.
             if w == eos:
-                history = [self.bos]
+                history[:] = (self.bos,)
             else:
                 history.append(w)
                 if len(history) > 2 * keep + 8:  # trim now and then, not every word
                     del history[: len(history) - keep]
+            yield logprob
 
     def sentence_logprob(self, words: Sequence[str]) -> float:
         """Total ln P of a sentence including `</s>` (an `lm_scorer` for n-best rescoring)."""
