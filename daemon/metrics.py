@@ -51,6 +51,7 @@ class Metrics:
         self.checkpoint_age = Gauge(f"{PREFIX}_checkpoint_age_seconds", "Seconds since the last checkpoint (or since start).", registry=r)
         self.info = Info(f"{PREFIX}_model", "The model being served.", registry=r)
         self._last_checkpoint_time = time.time()
+        self._children: dict = {}
         self.checkpoint_age.set_function(lambda: time.time() - self._last_checkpoint_time)
         for outcome in ("ok", "error"):
             self.checkpoints.labels(outcome)
@@ -70,6 +71,15 @@ class Metrics:
         self.sampled_tokens = Counter(f"{PREFIX}_sampled_tokens", "Tokens in the shadow's sample (adapted side).",
                                       ["domain"], registry=r)
         self.rollbacks = Counter(f"{PREFIX}_rollbacks", "Domains rolled back by the adaptation guard.", ["domain"], registry=r)
+
+    def child(self, metric, *labels):
+        """`metric.labels(*labels)`, remembered: labels() takes a lock and validates every call,
+        a noticeable cost at thousands of messages a second. Label values are bounded, so is this."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def checkpointed(self, ok: bool) -> None:
         self.checkpoints.labels("ok" if ok else "error").inc()

@@ -221,8 +221,9 @@ class Server:
         except Exception as err:  # a bug must not take the daemon down; say so and go on
             log.exception("internal error handling %s", op)
             reply, outcome = protocol.error(rid, "internal", f"internal error: {type(err).__name__}"), "internal"
-        self.metrics.messages.labels(socket_label, op, outcome).inc()
-        self.metrics.duration.labels(op).observe(time.perf_counter() - start)
+        m = self.metrics
+        m.child(m.messages, socket_label, op, outcome).inc()
+        m.child(m.duration, op).observe(time.perf_counter() - start)
         return reply
 
     def op_score(self, request: protocol.Request) -> dict:
@@ -232,28 +233,28 @@ class Server:
         mixture = {}
         if result.rnn_logprobs is not None:
             rnn_loss = -float(result.rnn_logprobs.sum())
-            m.rnn_loss.labels(d).inc(rnn_loss)
+            m.child(m.rnn_loss, d).inc(rnn_loss)
             mixture = {"rnn_logprobs": result.rnn_logprobs.tolist(), "rnn_loss": rnn_loss}
         oov, rare = token_flags(result.kinds)
-        m.tokens.labels(d).inc(n)
-        m.loss.labels(d).inc(loss)
-        m.oov.labels(d).inc(len(oov))
-        m.rare.labels(d).inc(len(rare))
-        m.perplexity.labels(d).set(result.domain.tally.perplexity)
+        m.child(m.tokens, d).inc(n)
+        m.child(m.loss, d).inc(loss)
+        m.child(m.oov, d).inc(len(oov))
+        m.child(m.rare, d).inc(len(rare))
+        m.child(m.perplexity, d).set(result.domain.tally.perplexity)
         if result.applied:
-            m.updates.labels(d, "applied").inc(result.applied)
+            m.child(m.updates, d, "applied").inc(result.applied)
         if result.skipped:
-            m.updates.labels(d, "skipped").inc(result.skipped)
+            m.child(m.updates, d, "skipped").inc(result.skipped)
         if result.sample is not None:
             s = result.sample
-            m.rollbacks.labels(d)  # present at 0 for every shadowed domain
+            m.child(m.rollbacks, d)  # present at 0 for every shadowed domain
             if math.isfinite(s.adapted_loss) and math.isfinite(s.base_loss):
-                m.sampled_loss.labels(d).inc(s.adapted_loss)
-                m.sampled_tokens.labels(d).inc(s.tokens)
-                m.base_loss.labels(d).inc(s.base_loss)
-                m.base_tokens.labels(d).inc(s.tokens)
+                m.child(m.sampled_loss, d).inc(s.adapted_loss)
+                m.child(m.sampled_tokens, d).inc(s.tokens)
+                m.child(m.base_loss, d).inc(s.base_loss)
+                m.child(m.base_tokens, d).inc(s.tokens)
         if result.rolled_back:
-            m.rollbacks.labels(d).inc()
+            m.child(m.rollbacks, d).inc()
             log.warning("domain %r rolled back: %s", d, result.rolled_back)
         self.tokens_since_checkpoint += n
         return protocol.ok(
