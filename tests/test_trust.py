@@ -110,8 +110,8 @@ def test_curve_serves_an_authorised_client_and_refuses_everyone_else(tmp_path, k
         push.close(0)
 
         assert wait_for(lambda: d.metric("rnnlm_handshake_failures_total", socket="router", reason="auth") >= 1)
-        assert d.metric("rnnlm_handshake_failures_total", socket="router", reason="protocol") >= 1
-        assert d.metric("rnnlm_handshake_failures_total", socket="pull", reason="protocol") >= 1
+        assert wait_for(lambda: d.metric("rnnlm_handshake_failures_total", socket="router", reason="protocol") >= 1)
+        assert wait_for(lambda: d.metric("rnnlm_handshake_failures_total", socket="pull", reason="protocol") >= 1)
         after = {m: metric_sum(d, m) for m in before}
         assert after == before, "a refused client reached the model"
         with Client(d.endpoint, curve=(k / "alice.key_secret", k / "server.key")) as alice:
