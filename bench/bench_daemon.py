@@ -24,6 +24,7 @@ from rnnlm.corpus import read_lines, tokenize_line
 from rnnlm.evaluate import evaluate
 from rnnlm.model import OnlineRule
 
+from bench_core import online_step_one_word_at_a_time
 from daemon_process import rss_mb, start_daemon
 
 REPO = Path(__file__).resolve().parent.parent
@@ -61,7 +62,9 @@ def main() -> None:
 
     static = evaluate(model, words)
     dynamic = evaluate(model, words, OnlineRule(), weights=model.weights.copy())
-    print(f"in-process online step (one thread): {dynamic.words_per_sec:,.0f} words/s, "
+    one_word_wps, _ = online_step_one_word_at_a_time(model, words, OnlineRule())
+    print(f"in-process online step (one thread): {dynamic.words_per_sec:,.0f} words/s over the stream, "
+          f"{one_word_wps:,.0f} words/s called once per word; "
           f"dynamic perplexity {dynamic.perplexity:.3f}; static {static.perplexity:.3f}", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -78,7 +81,7 @@ def main() -> None:
     streamed_ppl, frozen_ppl = np.exp(loss / n), np.exp(loss_frozen / n_frozen)
     wps = n / seconds
     print(f"daemon, {args.window} requests in flight: {wps:,.0f} words/s end to end "
-          f"({wps / dynamic.words_per_sec:.0%} of in-process); latency p50 {1000 * np.percentile(latency, 50):.2f} ms, "
+          f"({wps / dynamic.words_per_sec:.0%} of the in-process stream, {wps / one_word_wps:.0%} of one call per word); latency p50 {1000 * np.percentile(latency, 50):.2f} ms, "
           f"p99 {1000 * np.percentile(latency, 99):.2f} ms (queueing included); RSS {rss_idle:.0f} MB idle, {rss_after:.0f} MB after")
     print(f"streamed perplexity {streamed_ppl:.3f} vs offline dynamic {dynamic.perplexity:.3f} "
           f"(relative difference {abs(streamed_ppl - dynamic.perplexity) / dynamic.perplexity:.1e}); "
