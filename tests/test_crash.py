@@ -16,24 +16,18 @@ import time
 
 import msgpack
 import numpy as np
-import pytest
 import zmq
 
 from rnnlm.checkpoint import load_model, read_checked, weights_from_tensors
 from rnnlm.clients.client import Client
 from rnnlm.daemon.learner import FROZEN, STATE_FORMAT, Learner
 from rnnlm.model import OnlineRule
-from tests.daemon_helpers import Daemon, small_trained_model
+from tests.daemon_helpers import Daemon
 from tests.test_model import toy_text
 
 KILLS = 20
 CHECKPOINT_TOKENS = 20
 PROBE = "the cat sees a dog".split() + ["</s>"]
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    return small_trained_model(tmp_path_factory.mktemp("model") / "m.pt", toy_text(400))
 
 
 def newest_valid(state, model, rule) -> tuple[int, np.ndarray] | None:

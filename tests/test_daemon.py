@@ -16,15 +16,10 @@ from rnnlm.checkpoint import load_model
 from rnnlm.clients.client import Client, DaemonError
 from rnnlm.evaluate import evaluate
 from rnnlm.model import OnlineRule
-from tests.daemon_helpers import Daemon, small_trained_model
+from tests.daemon_helpers import Daemon
 from tests.test_model import toy_text
 
 DAEMON_RULE = OnlineRule(lr=0.01)  # the dynamic model, as `rnnlm serve` learns by default
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    return small_trained_model(tmp_path_factory.mktemp("model") / "m.pt", toy_text(400))
 
 
 @pytest.fixture(scope="module")

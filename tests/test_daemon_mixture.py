@@ -161,7 +161,7 @@ def test_a_restart_resumes_every_component_and_a_different_set_is_refused(tmp_pa
 
 @pytest.fixture(scope="module")
 def learner_payload(files):
-    a, b, lm = load_model(files / "a.pt"), load_model(files / "b.pt"), read_arpa(files / "kn3.arpa")
+    a = load_model(files / "a.pt")
     parts = Parts.load([str(files / "b.pt")], str(files / "kn3.arpa"), [0.4, 0.3, 0.3])
 
     def new():

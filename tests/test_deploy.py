@@ -24,7 +24,7 @@ import yaml
 from rnnlm.cli import serve as serve_command
 from rnnlm.clients.client import Client
 from rnnlm.daemon import systemd
-from tests.daemon_helpers import Daemon, small_trained_model
+from tests.daemon_helpers import Daemon
 from tests.test_model import toy_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,11 +52,6 @@ def run(*args, **kwargs) -> subprocess.CompletedProcess:
 
 def load_yaml_docs(path: Path) -> list[dict]:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    return small_trained_model(tmp_path_factory.mktemp("model") / "m.pt", toy_text(400))
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,6 @@ import time
 
 import msgpack
 import numpy as np
-import pytest
 import zmq
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
@@ -37,8 +36,7 @@ from rnnlm.daemon import protocol
 from rnnlm.daemon.learner import STATE_FORMAT, Learner
 from rnnlm.daemon.protocol import ProtocolError
 from rnnlm.model import OnlineRule
-from tests.daemon_helpers import Daemon, small_trained_model
-from tests.test_model import toy_text
+from tests.daemon_helpers import Daemon
 
 MAX_TOKENS, MAX_BYTES, MAX_DOMAINS, MAX_STREAMS = 50, 4096, 4, 8
 BATCH = 25
@@ -149,11 +147,6 @@ def same_id(a, b) -> bool:
 
 
 # --- the test --------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    return small_trained_model(tmp_path_factory.mktemp("model") / "m.pt", toy_text(400))
 
 
 def test_ten_thousand_fuzzed_messages_at_one_live_daemon(tmp_path, model_path):

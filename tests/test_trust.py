@@ -30,7 +30,7 @@ from rnnlm.daemon.protocol import Request
 from rnnlm.daemon.server import DEFAULT_MODEL, Server, ServeConfig
 from rnnlm.evaluate import evaluate
 from rnnlm.model import OnlineRule
-from tests.daemon_helpers import Daemon, small_trained_model
+from tests.daemon_helpers import Daemon
 from tests.test_model import toy_text
 
 SAMPLE = Path(__file__).resolve().parent.parent / "rnnlm" / "data" / "sample.txt"
@@ -57,11 +57,6 @@ def wait_for(condition, seconds=5.0):
             return True
         time.sleep(0.05)
     return condition()
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    return small_trained_model(tmp_path_factory.mktemp("model") / "m.pt", toy_text(400))
 
 
 # --- CURVE + ZAP ---------------------------------------------------------------------------------
