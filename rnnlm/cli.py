@@ -77,6 +77,7 @@ def main():
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Model file to write.")
 @click.option("--hidden", default=200, show_default=True, type=click.IntRange(1, 4096), help="Hidden layer size.")
 @click.option("--classes", default=100, show_default=True, type=click.IntRange(1), help="Output frequency classes (1 = full softmax).")
+@click.option("--class-rule", default="frequency", show_default=True, type=click.Choice(["frequency", "sqrt"]), help="Classes share the unigram mass by count, or by sqrt(count): faster, a little worse.")
 @click.option("--bptt", default=4, show_default=True, type=click.IntRange(0, 64), help="Extra steps of back-propagation through time (0 = plain backprop).")
 @click.option("--bptt-block", default=10, show_default=True, type=click.IntRange(1, 64), help="Back-propagate through time every this many words.")
 @click.option("--min-count", default=1, show_default=True, type=click.IntRange(1), help="Words seen fewer times merge into the rare token (eq. 7).")
@@ -88,7 +89,7 @@ def main():
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(1, 64), help="Hogwild training threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @friendly_errors
-def train(train_file, valid_file, out, hidden, classes, bptt, bptt_block, min_count, lr, l2, min_improvement,
+def train(train_file, valid_file, out, hidden, classes, class_rule, bptt, bptt_block, min_count, lr, l2, min_improvement,
           max_epochs, seed, threads, as_json):
     """Train a model with SGD, truncated BPTT and the halving learning-rate schedule."""
     from .train import train as run_training
@@ -96,7 +97,7 @@ def train(train_file, valid_file, out, hidden, classes, bptt, bptt_block, min_co
     train_words, valid_words = read_tokens(train_file), read_tokens(valid_file)
     config = Config(hidden=hidden, classes=classes, bptt=bptt, bptt_block=bptt_block, min_count=min_count,
                     lr=lr, l2=l2, min_improvement=min_improvement, max_epochs=max_epochs, seed=seed)
-    vocab = Vocabulary.build(train_words, min_count, classes)
+    vocab = Vocabulary.build(train_words, min_count, classes, class_rule)
     model = RNNLM.create(config, vocab)
     say(f"vocabulary {len(vocab):,} words ({len(vocab.rare_words):,} rare merged), {vocab.num_classes} classes, "
         f"hidden {hidden}; {len(train_words):,} training words, {threads} thread(s)")

@@ -37,6 +37,7 @@ class Vocabulary:
     counts: list[int]  # training count of each id (the rare token: all merged words together)
     rare_words: frozenset[str]  # words merged into the rare token
     num_classes: int
+    class_rule: str = "frequency"  # how classes share the unigram mass: "frequency" or "sqrt" (see assign_classes)
     class_of: np.ndarray = field(init=False)  # id -> class
     class_start: np.ndarray = field(init=False)  # class -> first id
     class_end: np.ndarray = field(init=False)  # class -> one past the last id
@@ -46,7 +47,7 @@ class Vocabulary:
         self.rare_id = self.index[RARE]
         self.unk_id = self.index.get(UNK)
         self.eos_id = self.index[EOS]
-        self.class_of = frequency_classes(self.counts, self.num_classes)
+        self.class_of = assign_classes(self.counts, self.num_classes, self.class_rule)
         self.num_classes = int(self.class_of[-1]) + 1
         boundaries = np.searchsorted(self.class_of, np.arange(self.num_classes + 1))
         self.class_start = boundaries[:-1].astype(np.int32)
@@ -58,7 +59,8 @@ class Vocabulary:
         return len(self.words)
 
     @classmethod
-    def build(cls, tokens: Iterable[str], min_count: int = 1, num_classes: int = 100) -> "Vocabulary":
+    def build(cls, tokens: Iterable[str], min_count: int = 1, num_classes: int = 100,
+              class_rule: str = "frequency") -> "Vocabulary":
         """Count the training tokens; words seen fewer than `min_count` times merge into `<rare>`."""
         if min_count < 1:
             raise ValueError("min_count must be at least 1")
@@ -70,7 +72,7 @@ class Vocabulary:
         # <rare> always exists so that any word has a probability, even with no rare words.
         kept[RARE] = sum(counts[w] for w in rare_words)
         order = sorted(kept, key=lambda w: -kept[w])  # stable: ties keep first-seen order
-        return cls(order, [kept[w] for w in order], rare_words, num_classes)
+        return cls(order, [kept[w] for w in order], rare_words, num_classes, class_rule)
 
     def encode(self, tokens: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
         """Token ids for the network and, per token, KNOWN, RARE_WORD or OOV."""
@@ -99,26 +101,40 @@ class Vocabulary:
             "counts": list(self.counts),
             "rare_words": sorted(self.rare_words),
             "num_classes": self.num_classes,
+            "class_rule": self.class_rule,
         }
 
     @classmethod
     def from_state(cls, state: dict) -> "Vocabulary":
-        return cls(list(state["words"]), list(state["counts"]), frozenset(state["rare_words"]), int(state["num_classes"]))
+        # Files written before class_rule existed used frequency classes.
+        return cls(list(state["words"]), list(state["counts"]), frozenset(state["rare_words"]), int(state["num_classes"]),
+                   str(state.get("class_rule", "frequency")))
 
 
-def frequency_classes(counts: list[int], num_classes: int) -> np.ndarray:
+CLASS_RULES = ("frequency", "sqrt")
+
+
+def assign_classes(counts: list[int], num_classes: int, rule: str = "frequency") -> np.ndarray:
     """Assign classes by cumulative unigram mass, as the reference toolkit does.
 
-    Words (already sorted by descending count) fill class 0 until it holds 1/C of the training
-    mass, then class 1, and so on: frequent words get small classes, rare words share big ones.
-    `num_classes=1` is a plain full softmax.
+    Words (already sorted by descending count) fill class 0 until it holds 1/C of the mass, then
+    class 1, and so on: frequent words get small classes, rare words share big ones. "frequency"
+    measures a word's mass by its count; "sqrt" by sqrt(count), which splits the rare words into
+    more classes. On PTB (H=200, 100 classes) sqrt makes a token's class 36 words on average instead
+    of 100 and training 1.3x faster (3.6 min), but validation perplexity ends at 150.9 instead of
+    145-146, so "frequency" is the default. `num_classes=1` is a plain full softmax.
     """
-    total = max(sum(counts), 1)
+    if rule not in CLASS_RULES:
+        raise ValueError(f"class rule must be one of {', '.join(CLASS_RULES)}, not {rule!r}")
+    mass_of = np.asarray(counts, dtype=np.float64)
+    if rule == "sqrt":
+        mass_of = np.sqrt(mass_of)
+    total = max(mass_of.sum(), 1e-300)
     classes = np.zeros(len(counts), dtype=np.int32)
     mass, current = 0.0, 0
-    for i, n in enumerate(counts):
+    for i, m in enumerate(mass_of):
         classes[i] = current
-        mass = min(mass + n / total, 1.0)
+        mass = min(mass + m / total, 1.0)
         if mass > (current + 1) / num_classes and current < num_classes - 1:
             current += 1
     return classes

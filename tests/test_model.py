@@ -72,6 +72,18 @@ def test_classes_are_contiguous_and_follow_frequency():
     assert sizes[0] < sizes[-1]
 
 
+def test_sqrt_classes_split_rare_words_finer_and_old_files_keep_frequency_classes():
+    words = words_of(toy_text(400))
+    sqrt, frequency = Vocabulary.build(words, num_classes=5, class_rule="sqrt"), Vocabulary.build(words, num_classes=5)
+    assert frequency.class_rule == "frequency"
+    last = lambda v: v.class_end[-1] - v.class_start[-1]
+    assert last(sqrt) < last(frequency), "sqrt mass gives the rare words' class fewer members"
+    state = sqrt.to_state()
+    assert Vocabulary.from_state(state).class_of.tolist() == sqrt.class_of.tolist()
+    del state["class_rule"]  # a file from before class rules existed
+    assert Vocabulary.from_state(state).class_of.tolist() == frequency.class_of.tolist()
+
+
 def test_learning_rate_schedule_halves_then_stops_and_never_keeps_worse_weights():
     lines = toy_text(300)
     words, valid = words_of(lines[:250]), words_of(lines[250:])
