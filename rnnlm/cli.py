@@ -2,37 +2,18 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 import time
 
 import click
 
-from .checkpoint import CheckpointError, load_model, save_model
-from .corpus import CorpusError, read_lines, read_tokens, tokenize_line
+from .checkpoint import load_model, save_model
+from .cli_errors import friendly_errors, say
+from .corpus import read_lines, read_tokens, tokenize_line
 from .evaluate import Tally, evaluate
 from .model import RNNLM, Config, OnlineRule
 from .vocab import Vocabulary
-
-EXIT_USAGE = 2  # click's own code for bad options
-
-
-def friendly_errors(command):
-    """Turn the errors a user can cause into one line and exit status 1, never a traceback."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except (CorpusError, CheckpointError, ValueError, OSError) as err:
-            raise click.ClickException(str(err)) from None
-
-    return wrapper
-
-
-def say(message: str) -> None:
-    click.echo(message, err=True)
 
 
 class TrainProgress:

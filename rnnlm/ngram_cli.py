@@ -16,35 +16,15 @@ cause ends as one line on stderr and exit status 1, never a traceback.
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 
 import click
 
-from .corpus import CorpusError, read_lines
+from .cli_errors import friendly_errors, say
+from .corpus import read_lines
 from .nbest import generate_nbest, lm_scores, read_texts, wer, write_nbest, write_texts
 from .ngram import build_kneser_ney, read_arpa, score_corpus, write_arpa
-
-
-def _say(message: str) -> None:
-    click.echo(message, err=True)
-
-
-def _friendly(command):
-    """Turn bad input (missing, empty, malformed, non-UTF-8 files) into a one-line error, exit 1."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except (CorpusError, ValueError) as err:
-            raise click.ClickException(str(err)) from None
-        except OSError as err:
-            where = f"{err.filename}: " if err.filename else ""
-            raise click.ClickException(f"{where}{err.strerror or err}") from None
-
-    return wrapper
 
 
 def _sentences(path: str) -> list[list[str]]:
@@ -60,17 +40,17 @@ def ngram_group() -> None:
 @click.option("--train", "train_path", required=True, metavar="FILE", help="Training text, one sentence a line.")
 @click.option("--out", "out_path", required=True, metavar="FILE", help="ARPA file to write.")
 @click.option("--order", default=5, show_default=True, type=click.IntRange(1, 10), help="N-gram order.")
-@_friendly
+@friendly_errors
 def build(train_path: str, out_path: str, order: int) -> None:
     """Estimate an interpolated modified Kneser–Ney model (as KenLM lmplz) and write it as ARPA."""
     start = time.perf_counter()
     sentences = _sentences(train_path)
-    _say(f"read {train_path}: {len(sentences):,} sentences ({time.perf_counter() - start:.1f} s)")
-    lm = build_kneser_ney(sentences, order=order, log=_say)
+    say(f"read {train_path}: {len(sentences):,} sentences ({time.perf_counter() - start:.1f} s)")
+    lm = build_kneser_ney(sentences, order=order, log=say)
     del sentences
     written = time.perf_counter()
     write_arpa(lm, out_path)
-    _say(f"wrote {out_path} ({', '.join(f'{n}-grams {c:,}' for n, c in enumerate(lm.counts, 1))}) "
+    say(f"wrote {out_path} ({', '.join(f'{n}-grams {c:,}' for n, c in enumerate(lm.counts, 1))}) "
          f"in {time.perf_counter() - written:.1f} s; total {time.perf_counter() - start:.1f} s")
 
 
@@ -78,7 +58,7 @@ def build(train_path: str, out_path: str, order: int) -> None:
 @click.option("--arpa", "arpa_path", required=True, metavar="FILE", help="ARPA backoff model (SRILM, KenLM or ours).")
 @click.option("--test", "test_path", required=True, metavar="FILE", help="Text to score, one sentence a line.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-@_friendly
+@friendly_errors
 def score(arpa_path: str, test_path: str, as_json: bool) -> None:
     """Perplexity of a text under an ARPA model (`</s>` counted as a word, as Mikolov's toolkit).
 
@@ -87,7 +67,7 @@ def score(arpa_path: str, test_path: str, as_json: bool) -> None:
     """
     start = time.perf_counter()
     lm = read_arpa(arpa_path)
-    _say(f"loaded {arpa_path}: order {lm.order}, {sum(lm.counts):,} n-grams ({time.perf_counter() - start:.1f} s)")
+    say(f"loaded {arpa_path}: order {lm.order}, {sum(lm.counts):,} n-grams ({time.perf_counter() - start:.1f} s)")
     result = score_corpus(lm, _sentences(test_path))
     report = {
         "perplexity": result.perplexity,
@@ -115,7 +95,7 @@ def score(arpa_path: str, test_path: str, as_json: bool) -> None:
 @click.option("--vocab-text", metavar="FILE", help="Text whose words are the confusions (e.g. the training text); default --text.")
 @click.option("--error-rate", default=0.2, show_default=True, type=click.FloatRange(0, 1), help="Mean word corruption rate.")
 @click.option("--arpa", "arpa_path", metavar="FILE", help="Fill the lm_score column with this ARPA model (else 0).")
-@_friendly
+@friendly_errors
 def nbest_generate(text_path, out_path, refs_path, n, seed, vocab_text, error_rate, arpa_path) -> None:
     """Make synthetic recogniser n-best lists from reference text (see rnnlm.nbest.generate_nbest)."""
     start = time.perf_counter()
@@ -127,7 +107,7 @@ def nbest_generate(text_path, out_path, refs_path, n, seed, vocab_text, error_ra
     write_nbest(nbest, out_path)
     write_texts(refs, refs_path)
     total = sum(len(h) for h in nbest.values())
-    _say(f"wrote {out_path} ({len(nbest):,} utterances, {total:,} hypotheses) and {refs_path} "
+    say(f"wrote {out_path} ({len(nbest):,} utterances, {total:,} hypotheses) and {refs_path} "
          f"in {time.perf_counter() - start:.1f} s")
 
 
@@ -135,7 +115,7 @@ def nbest_generate(text_path, out_path, refs_path, n, seed, vocab_text, error_ra
 @click.option("--refs", "refs_path", required=True, metavar="FILE", help="References: 'utt_id words...' per line.")
 @click.option("--hyps", "hyps_path", required=True, metavar="FILE", help="1-best hypotheses, same format.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-@_friendly
+@friendly_errors
 def wer_command(refs_path: str, hyps_path: str, as_json: bool) -> None:
     """Word error rate of 1-best hypotheses against references (Levenshtein alignment)."""
     result = wer(read_texts(refs_path), read_texts(hyps_path))
