@@ -258,10 +258,7 @@ def evaluate_static_parallel(model: RNNLM, lines: list[str], threads: int) -> Ta
                                 [p for p in parts if p]))
     total = Tally()
     for t in tallies:
-        total.words += t.words
-        total.oov += t.oov
-        total.rare += t.rare
-        total.loss_nats += t.loss_nats
+        total.add_counts(t.words, t.oov, t.rare, t.loss_nats)
     total.seconds = time.perf_counter() - start
     return total
 
@@ -375,10 +372,7 @@ def stream(file, connect, stream_id, domain, no_learn, window, timeout, every, a
                 reply = client.checked(reply)
                 done += 1
                 for t in (tally, span):
-                    t.words += reply["tokens"]
-                    t.oov += len(reply["oov"])
-                    t.loss_nats += reply["loss"]
-                tally.rare += len(reply["rare"])
+                    t.add_counts(reply["tokens"], len(reply["oov"]), len(reply["rare"]), reply["loss"])
                 bar.label = f"perplexity {tally.perplexity:8.2f}  {tally.words / (time.perf_counter() - start):8,.0f} words/s"
                 bar.update(1)
                 if every and (done % every == 0 or done == len(lines)):

@@ -31,10 +31,14 @@ class Tally:
 
     def add(self, logp: np.ndarray, kinds: np.ndarray) -> None:
         counts = np.bincount(kinds, minlength=3)
-        self.words += int(logp.shape[0])
-        self.oov += int(counts[OOV])
-        self.rare += int(counts[RARE_WORD])
-        self.loss_nats -= float(logp.sum())
+        self.add_counts(int(logp.shape[0]), int(counts[OOV]), int(counts[RARE_WORD]), -float(logp.sum()))
+
+    def add_counts(self, words: int, oov: int, rare: int, loss_nats: float) -> None:
+        """Add totals counted elsewhere (another tally, a daemon's reply)."""
+        self.words += words
+        self.oov += oov
+        self.rare += rare
+        self.loss_nats += loss_nats
 
     @property
     def perplexity(self) -> float:
