@@ -74,6 +74,11 @@ class ScoreResult:
     sample: Sample | None = None  # set when the base model's shadow scored this message too
     rolled_back: str | None = None  # why the domain was rolled back after this message, if it was
     rnn_logprobs: np.ndarray | None = None  # with a mixture: the primary RNN's own (logprobs are the mixture's)
+    # as they stood right after this message (a run's later messages move them on)
+    stream_perplexity: float = math.nan
+    stream_tokens: int = 0
+    domain_perplexity: float = math.nan
+    domain_updates: int = 0
 
 
 class Learner:
@@ -122,31 +127,55 @@ class Learner:
         stream.last_seen = time.monotonic()
         return stream
 
+    @property
+    def scores_runs(self) -> bool:
+        """Whether consecutive messages of a stream may be scored in one call (`score_run`).
+
+        Decay and the base model's shadow act once per message, so with either on, messages are
+        scored one at a time."""
+        adapt = self.adaptation.config
+        return not adapt.decay_to_base and not adapt.shadow_sample
+
     def score(self, request: Request) -> ScoreResult:
-        if request.tokens is not None:
-            words = request.tokens
-        else:
-            words = [w for sentence in request.sentences for w in (*sentence, EOS)]
-        domain = self.domain(request.domain)
-        stream = self.stream(request.domain, request.stream)
-        learn = request.learn and self.rule.learn
+        return self.score_run([request])[0]
+
+    def score_run(self, requests: list[Request]) -> list[ScoreResult]:
+        """Score messages of one stream (same domain, stream and `learn`), in order, in one call
+        into the online step; one result per message.
+
+        The step is sequential and carries the stream's state from word to word, so this gives the
+        same numbers, bit for bit, as scoring the messages one by one; one long call runs faster
+        than many short ones with Python work in between. Only with `scores_runs` may a run hold
+        more than one message. Should the weights stop being finite inside a run, the roll-back
+        comes after the run rather than after the message."""
+        first = requests[0]
+        if len(requests) > 1 and not self.scores_runs:
+            raise ValueError("several messages in one call need decay and shadow sampling off")
+        messages = [message_words(r) for r in requests]
+        words = [w for m in messages for w in m]
+        domain = self.domain(first.domain)
+        stream = self.stream(first.domain, first.stream)
+        learn = first.learn and self.rule.learn
         rule = self.rule if learn else OnlineRule(learn=False)
         logprobs, kinds, applied = self.model.score_words(words, stream.state, rule, domain.weights)
         rnn_logprobs = None
         if self.combination is not None:
             rnn_logprobs, (logprobs, extra_applied) = logprobs, self.combination.score(
                 words, logprobs, domain.extra, stream.extra, stream.history, rule)
-            domain.rnn_loss -= float(rnn_logprobs.sum())
-        skipped = len(words) - applied if learn else 0
-        for tally in (stream.tally, domain.tally):
-            tally.add(logprobs, kinds)
-        domain.updates += applied
-        domain.skipped += skipped
-        result = ScoreResult(logprobs, kinds, words, stream, domain, applied, skipped, rnn_logprobs=rnn_logprobs)
+        results = []
+        lo = 0
+        for m in messages:
+            results.append(self._account(slice(lo, lo + len(m)), m, logprobs, kinds, rnn_logprobs,
+                                         rnn_logprobs if rnn_logprobs is not None else logprobs,
+                                         learn, stream, domain))
+            lo += len(m)
+        assert sum(r.applied for r in results) == applied, "the step's update count and the per-message count agree"
+
+        result = results[-1]  # what follows acts once per call: per message when the guard is on
         adaptation = self.adaptation
         if applied:
             adaptation.decay(domain.weights)
-        if skipped and not domain.weights.all_finite():
+        if applied < len(words) and learn and not domain.weights.all_finite():
             result.rolled_back = adaptation.roll_back(domain.guard, domain.weights, "weights not finite")
         if rnn_logprobs is not None:
             self._adapt_extras(domain, extra_applied, len(words) if learn else 0, result)
@@ -160,7 +189,28 @@ class Learner:
             if rolled_back and self.combination is not None:
                 self._reset_extras(domain)
             result.rolled_back = rolled_back or result.rolled_back
-        return result
+        return results
+
+    @staticmethod
+    def _account(span: slice, words: list[str], logprobs: np.ndarray, kinds: np.ndarray, rnn_logprobs,
+                 primary: np.ndarray, learn: bool, stream: Stream, domain: Domain) -> ScoreResult:
+        """One message's share of a run: its numbers, and the tallies and counters as they stood after it.
+
+        The step learns from every word whose ln P under the primary RNN is finite."""
+        applied = int(np.isfinite(primary[span]).sum()) if learn else 0
+        skipped = len(words) - applied if learn else 0
+        logp, kind = logprobs[span], kinds[span]
+        for tally in (stream.tally, domain.tally):
+            tally.add(logp, kind)
+        domain.updates += applied
+        domain.skipped += skipped
+        rnn = None
+        if rnn_logprobs is not None:
+            rnn = rnn_logprobs[span]
+            domain.rnn_loss -= float(rnn.sum())
+        return ScoreResult(logp, kind, words, stream, domain, applied, skipped, rnn_logprobs=rnn,
+                           stream_perplexity=stream.tally.perplexity, stream_tokens=stream.tally.words,
+                           domain_perplexity=domain.tally.perplexity, domain_updates=domain.updates)
 
     def _adapt_extras(self, domain: Domain, applied: list[int], tried: int, result: ScoreResult) -> None:
         """Decay for the extra RNNs, and their non-finite check (back to their base weights)."""
@@ -359,6 +409,13 @@ def _check_stream_state(state: StreamState, vocab_size: int, where: str) -> None
           and np.isfinite(state.hidden).all() and np.isfinite(state.errors).all())
     if not ok:
         raise CheckpointError(f"{where}: a stream's state holds word ids outside the vocabulary or values out of range")
+
+
+def message_words(request: Request) -> list[str]:
+    """The words a score message asks for: its tokens as given, or its sentences each ending in </s>."""
+    if request.tokens is not None:
+        return request.tokens
+    return [w for sentence in request.sentences for w in (*sentence, EOS)]
 
 
 def token_flags(kinds: np.ndarray) -> tuple[list[int], list[int]]:

@@ -39,8 +39,12 @@ class Metrics:
                                ["domain", "outcome"], registry=r)
         self.messages = Counter(f"{PREFIX}_messages", "Messages handled, by op and outcome (ok or an error code).",
                                 ["socket", "op", "outcome"], registry=r)
-        self.duration = Histogram(f"{PREFIX}_message_duration_seconds", "Time to handle one message.", ["op"],
+        self.duration = Histogram(f"{PREFIX}_message_duration_seconds",
+                                  "Time to handle one message (scored in one call with others of its stream: "
+                                  "its share by tokens).", ["op"],
                                   buckets=LATENCY_BUCKETS, registry=r)
+        self.step_calls = Counter(f"{PREFIX}_step_calls", "Calls into the online step for score messages: fewer than "
+                                  "those messages when consecutive ones of a stream share a call.", registry=r)
         self.queue_depth = Gauge(f"{PREFIX}_queue_depth", "Messages received and waiting to be handled.", registry=r)
         self.streams = Gauge(f"{PREFIX}_streams_active", "Streams holding hidden state.", registry=r)
         self.evicted = Counter(f"{PREFIX}_streams_evicted", "Streams dropped to bound memory, by reason (lru, idle).",

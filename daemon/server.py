@@ -2,8 +2,9 @@
 
 One thread owns the sockets and the Learner, so every update is applied in arrival order and no
 lock is needed. Messages are drained from the sockets into an in-hand queue (its length is the
-queue-depth metric), handled one by one, and answered. SIGTERM or SIGINT stops the intake; what is
-in hand is answered, a checkpoint is written, and the process exits 0.
+queue-depth metric), handled in arrival order, and answered; consecutive score messages of one
+stream go through the online step in one call, each still answered on its own. SIGTERM or SIGINT
+stops the intake; what is in hand is answered, a checkpoint is written, and the process exits 0.
 """
 
 from __future__ import annotations
@@ -28,11 +29,13 @@ from . import systemd
 from .auth import CurveServer
 from .combination import Combination, Parts, describe_components, same_components, saved_fingerprints
 from .guard import AdaptConfig
-from .learner import STATE_FORMAT, Learner, base_model_of, token_flags
+from .learner import STATE_FORMAT, Learner, base_model_of, message_words, token_flags
 from .metrics import Metrics
 from .protocol import ProtocolError
 
 log = logging.getLogger("rnnlm.daemon")
+
+RUN_TOKENS = 1024  # most tokens scored in one call for consecutive messages of a stream (bounds their latency)
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "rnnlm" / "data" / "default.pt"
 
@@ -65,6 +68,21 @@ class ServeConfig:
     extra_models: tuple[str, ...] = ()  # extra RNNs in every score (combination.py), adapting like the primary
     ngram: str | None = None  # an ARPA model in every score
     weights: tuple[float, ...] | None = None  # primary, extras, n-gram; None: the n-gram 0.25, the RNNs share the rest
+
+
+@dataclass
+class Message:
+    """One message taken from a socket, parsed (or refused) and waiting for its answer."""
+
+    socket: zmq.Socket
+    frames: list[bytes]
+    fire_and_forget: bool  # from the PULL socket: handled and counted, never answered
+    start: float  # when parsing began
+    op: str = "invalid"
+    rid: object = None
+    request: protocol.Request | None = None
+    failure: tuple[dict, str] | None = None  # the error reply and its code, when it could not be parsed
+    parsed: float = 0.0  # seconds spent parsing
 
 
 class Server:
@@ -192,42 +210,109 @@ class Server:
         self.metrics.queue_depth.set(len(self.in_hand))
 
     def handle_in_hand(self) -> None:
-        while self.in_hand:
-            socket, frames = self.in_hand.popleft()
-            reply = self.handle(frames[-1], socket is self.pull)
-            if socket is self.router:
-                self.router.send_multipart([*frames[:-1], protocol.encode(reply)])
-            self.maybe_checkpoint()  # per message, so a crash loses at most --checkpoint-tokens + one message
+        """Answer every message in hand, in arrival order.
+
+        Consecutive score messages of one stream go through the online step in one call (see
+        `next_run`); each still gets its own reply and metrics, with the same numbers as if it had
+        been scored alone."""
+        messages = deque(self.parse(socket, frames) for socket, frames in self.in_hand)
+        self.in_hand.clear()
+        while messages:
+            run = self.next_run(messages)
+            if len(run) == 1:
+                start = time.perf_counter()
+                reply, outcome = self.execute(run[0])
+                self.answer(run[0], reply, outcome, run[0].parsed + time.perf_counter() - start)
+            else:
+                self.answer_run(run)
+            self.maybe_checkpoint()  # after each call: a crash loses at most --checkpoint-tokens + one message
         self.metrics.queue_depth.set(0)
 
-    def handle(self, frame: bytes, fire_and_forget: bool = False) -> dict:
-        start = time.perf_counter()
-        op, rid = "invalid", None
-        socket_label = "pull" if fire_and_forget else "router"
+    def next_run(self, messages: deque) -> list[Message]:
+        """Take the next message, and the score messages right behind it that can share its call.
+
+        A run stops at another stream (or domain, or `learn`), at RUN_TOKENS, and at the message
+        that makes a checkpoint due: checkpoints fall after the same messages as without runs."""
+        run = [messages.popleft()]
+        head = run[0].request
+        if head is None or head.op != "score" or not self.learner.scores_runs:
+            return run
+        tokens = len(message_words(head))
+        while messages and tokens < RUN_TOKENS and not self.checkpoint_due(self.tokens_since_checkpoint + tokens):
+            request = messages[0].request
+            if (request is None or request.op != "score" or (request.domain, request.stream, request.learn)
+                    != (head.domain, head.stream, head.learn)):
+                break
+            n = len(message_words(request))
+            if tokens + n > RUN_TOKENS:
+                break
+            run.append(messages.popleft())
+            tokens += n
+        return run
+
+    def parse(self, socket: zmq.Socket, frames: list[bytes]) -> Message:
+        message = Message(socket, frames, socket is self.pull, time.perf_counter())
         try:
+            frame = frames[-1]
             protocol.check_size(frame, self.config.max_message_bytes)
-            message = protocol.decode(frame)
-            rid = protocol.request_id(message)
-            op = message.get("op") if message.get("op") in protocol.OPS else "unknown"
-            request = protocol.parse(message, self.config.max_tokens)
-            if fire_and_forget and op not in protocol.DATA_OPS:
-                raise ProtocolError("wrong_socket", f"'{op}' is a control op; send it to the request socket")
-            reply = getattr(self, f"op_{op}")(request)
-            outcome = "ok"
-        except ProtocolError as err:
-            reply, outcome = protocol.error(rid, err.code, err.message), err.code
+            decoded = protocol.decode(frame)
+            message.rid = protocol.request_id(decoded)
+            message.op = decoded.get("op") if decoded.get("op") in protocol.OPS else "unknown"
+            message.request = protocol.parse(decoded, self.config.max_tokens)
+            if message.fire_and_forget and message.op not in protocol.DATA_OPS:
+                raise ProtocolError("wrong_socket", f"'{message.op}' is a control op; send it to the request socket")
+        except Exception as err:
+            message.request = None
+            message.failure = self.failure(message, err)
+        message.parsed = time.perf_counter() - message.start
+        return message
+
+    def execute(self, message: Message) -> tuple[dict, str]:
+        """The reply to one message, and its outcome for the metrics ("ok" or an error code)."""
+        if message.failure is not None:
+            return message.failure
+        try:
+            return getattr(self, f"op_{message.op}")(message.request), "ok"
+        except Exception as err:
+            return self.failure(message, err)
+
+    def answer_run(self, run: list[Message]) -> None:
+        start = time.perf_counter()
+        try:
+            results = self.learner.score_run([m.request for m in run])
+            self.metrics.step_calls.inc()
+            outcomes = [(self.score_reply(m.request, r), "ok") for m, r in zip(run, results)]
+        except Exception as err:  # e.g. too_many_domains: each message would have got the same answer
+            outcomes = [self.failure(m, err) for m in run]
+        # Each message is charged its share of the call, by tokens, plus its own parsing.
+        tokens = [len(message_words(m.request)) for m in run]
+        seconds = time.perf_counter() - start
+        for message, (reply, outcome), n in zip(run, outcomes, tokens):
+            self.answer(message, reply, outcome, message.parsed + seconds * n / max(sum(tokens), 1))
+
+    def failure(self, message: Message, err: Exception) -> tuple[dict, str]:
+        if isinstance(err, ProtocolError):
             if err.code in protocol.LIMIT_OF_CODE:
                 self.metrics.limits.labels(protocol.LIMIT_OF_CODE[err.code]).inc()
-        except Exception as err:  # a bug must not take the daemon down; say so and go on
-            log.exception("internal error handling %s", op)
-            reply, outcome = protocol.error(rid, "internal", f"internal error: {type(err).__name__}"), "internal"
+            return protocol.error(message.rid, err.code, err.message), err.code
+        # a bug must not take the daemon down; say so and go on
+        log.error("internal error handling %s", message.op, exc_info=err)
+        return protocol.error(message.rid, "internal", f"internal error: {type(err).__name__}"), "internal"
+
+    def answer(self, message: Message, reply: dict, outcome: str, seconds: float) -> None:
         m = self.metrics
-        m.child(m.messages, socket_label, op, outcome).inc()
-        m.child(m.duration, op).observe(time.perf_counter() - start)
-        return reply
+        m.child(m.messages, "pull" if message.fire_and_forget else "router", message.op, outcome).inc()
+        m.child(m.duration, message.op).observe(seconds)
+        if not message.fire_and_forget:
+            self.router.send_multipart([*message.frames[:-1], protocol.encode(reply)])
 
     def op_score(self, request: protocol.Request) -> dict:
         result = self.learner.score(request)
+        self.metrics.step_calls.inc()
+        return self.score_reply(request, result)
+
+    def score_reply(self, request: protocol.Request, result) -> dict:
+        """The reply to one scored message, and its metrics."""
         m, d = self.metrics, request.domain
         n, loss = len(result.words), -float(result.logprobs.sum())
         mixture = {}
@@ -240,7 +325,7 @@ class Server:
         m.child(m.loss, d).inc(loss)
         m.child(m.oov, d).inc(len(oov))
         m.child(m.rare, d).inc(len(rare))
-        m.child(m.perplexity, d).set(result.domain.tally.perplexity)
+        m.child(m.perplexity, d).set(result.domain_perplexity)
         if result.applied:
             m.child(m.updates, d, "applied").inc(result.applied)
         if result.skipped:
@@ -264,9 +349,9 @@ class Server:
             oov=oov,
             rare=rare,
             loss=loss,
-            stream_perplexity=result.stream.tally.perplexity,
-            stream_tokens=result.stream.tally.words,
-            updates=result.domain.updates,
+            stream_perplexity=result.stream_perplexity,
+            stream_tokens=result.stream_tokens,
+            updates=result.domain_updates,
             learned=result.applied,
             **mixture,
         )
@@ -369,11 +454,15 @@ class Server:
         return sorted(Path(self.config.state_dir).glob("state-*.pt"))
 
     def maybe_checkpoint(self) -> None:
-        cfg = self.config
-        due_tokens = self.tokens_since_checkpoint >= cfg.checkpoint_tokens
-        due_time = time.monotonic() - self.last_checkpoint >= cfg.checkpoint_seconds and self.tokens_since_checkpoint
-        if due_tokens or due_time:
+        if self.checkpoint_due(self.tokens_since_checkpoint):
             self.checkpoint("scheduled")
+
+    def checkpoint_due(self, tokens_since_checkpoint: int) -> bool:
+        cfg = self.config
+        if not cfg.state_dir or not tokens_since_checkpoint:
+            return False
+        return (tokens_since_checkpoint >= cfg.checkpoint_tokens
+                or time.monotonic() - self.last_checkpoint >= cfg.checkpoint_seconds)
 
     def checkpoint(self, why: str) -> Path | None:
         if not self.config.state_dir:

@@ -16,6 +16,8 @@ from rnnlm.checkpoint import load_model
 from rnnlm.clients.client import Client, DaemonError
 from rnnlm.evaluate import evaluate
 from rnnlm.model import OnlineRule
+from rnnlm.daemon import protocol
+from rnnlm.daemon.learner import Learner
 from tests.daemon_helpers import Daemon
 from tests.test_model import toy_text
 
@@ -189,6 +191,32 @@ def test_same_numbers_as_offline_evaluation(tmp_path, model_path):
     assert abs(streamed - dynamic.loss_nats) / dynamic.loss_nats <= 1e-4
     assert abs(sum(r["loss"] for r in frozen) - static.loss_nats) / static.loss_nats <= 1e-4
     assert replies[-1]["stream_perplexity"] == pytest.approx(dynamic.perplexity, rel=1e-4)
+
+
+def test_messages_scored_in_one_call_get_the_replies_they_would_get_alone(tmp_path, model_path):
+    """Pipelined messages of a stream share calls into the online step; every reply must still be
+    exactly what scoring the messages one by one gives, across streams, a reset and learn: false."""
+    lines = toy_text(120, seed=4)
+    requests = []
+    for i, line in enumerate(lines):
+        stream = "a" if (i // 10) % 3 else "b"  # runs of ten messages per stream, interleaved
+        requests.append({"op": "score", "stream": stream, "text": line, "learn": i % 40 < 35})
+        if i == 60:
+            requests.append({"op": "reset", "stream": "a"})
+    replay = Learner(load_model(model_path), DAEMON_RULE)
+    with Daemon(tmp_path, model_path) as d, Client(d.endpoint) as c:
+        replies = list(c.pipeline(requests, window=64))
+        calls = d.metric("rnnlm_step_calls_total")
+    for request, reply in zip(requests, replies):
+        assert reply["ok"], reply
+        if request["op"] == "reset":
+            assert replay.reset("default", request["stream"]) == reply["existed"]
+            continue
+        alone = replay.score(protocol.parse(request, 10_000))
+        np.testing.assert_array_equal(np.array(reply["logprobs"]), alone.logprobs)
+        assert (reply["learned"], reply["updates"]) == (alone.applied, alone.domain_updates)
+        assert (reply["stream_perplexity"], reply["stream_tokens"]) == (alone.stream_perplexity, alone.stream_tokens)
+    assert calls < len(lines), f"{calls} step calls for {len(lines)} pipelined messages: none shared a call"
 
 
 def test_sigterm_checkpoints_and_a_restart_resumes_the_adapted_weights(tmp_path, model_path):
