@@ -291,12 +291,13 @@ def evaluate_static_parallel(model: RNNLM, lines: list[str], threads: int) -> Ta
 @click.option("--ngram", "ngram_file", default=None, type=click.Path(dir_okay=False), help="ARPA backoff model (e.g. from `rnnlm ngram build`) in every score.")
 @click.option("--ngram-weight", type=click.FloatRange(0, 1), default=None, help="Weight of the --ngram model (default 0.25); the RNNs share the rest equally.")
 @click.option("--weights", "weights_text", default=None, metavar="W1,W2,...", help="Mixture weights: --model, each --extra-model in order, then the n-gram's; they sum to 1.")
+@click.option("--tune-on", "tune_file", default=None, type=click.Path(dir_okay=False), help="Before serving, tune the mixture weights by EM on this validation text, every RNN learning at --lr as it will in service (as `rnnlm eval --dynamic LR --tune-on`).")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
 @friendly_errors
 def serve(model_file, bind, pull_bind, metrics_addr, state_dir, port_file, lr, no_learn, checkpoint_tokens,
           checkpoint_seconds, keep_checkpoints, max_streams, stream_idle_seconds, max_domains, max_tokens,
           max_message_bytes, max_pending, curve_secret_key, curve_authorized_dir, decay_to_base, shadow_sample,
-          guard_margin, guard_window, extra_models, ngram_file, ngram_weight, weights_text, log_level):
+          guard_margin, guard_window, extra_models, ngram_file, ngram_weight, weights_text, tune_file, log_level):
     """Run the daemon: score text streamed over ZeroMQ and keep learning from it.
 
     Every word is scored with the current weights, then the network takes one SGD step on it at
@@ -317,11 +318,23 @@ def serve(model_file, bind, pull_bind, metrics_addr, state_dir, port_file, lr, n
         raise click.UsageError("--guard-margin compares against the base model's shadow: give --shadow-sample too")
     weights = None
     if extra_models or ngram_file:
-        _need_files(*extra_models, ngram_file)
+        _need_files(*extra_models, ngram_file, tune_file)
+        if tune_file and (weights_text or ngram_weight is not None):
+            raise click.UsageError("--tune-on finds the weights itself; leave out --weights and --ngram-weight")
         weights = tuple(_mixture_weights(weights_text, ngram_weight, 1 + len(extra_models), bool(ngram_file)))
-    elif weights_text is not None or ngram_weight is not None:
-        raise click.UsageError("--weights and --ngram-weight need --extra-model or --ngram")
+    elif weights_text is not None or ngram_weight is not None or tune_file:
+        raise click.UsageError("--weights, --ngram-weight and --tune-on need --extra-model or --ngram")
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if tune_file:
+        from rnnlm.daemon.server import DEFAULT_MODEL
+
+        rule = None if no_learn else OnlineRule(lr=lr)
+        mixture = _build_mixture([model_file or str(DEFAULT_MODEL), *extra_models], ngram_file, None, None, rule)
+        em = mixture.tune(read_tokens(tune_file))
+        weights = tuple(float(w) for w in mixture.weights)
+        logging.getLogger("rnnlm.daemon").info(
+            "mixture weights tuned on %s: %s (%d EM iterations, perplexity there %.2f)", tune_file,
+            ",".join(f"{w:.6g}" for w in weights), em.iterations, em.perplexity)
     if curve_secret_key is None and not all(_is_loopback(e) for e in (bind, pull_bind) if e):
         logging.getLogger("rnnlm.daemon").warning(
             "serving without CURVE on a non-loopback endpoint: anyone who can reach it can make the model learn")

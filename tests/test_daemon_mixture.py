@@ -131,6 +131,24 @@ def test_two_rnns_and_kn_on_reconciled_vocabularies(tmp_path, files):
         assert close(loss, want.tally.loss_nats), (loss, want.tally.loss_nats)
 
 
+def test_weights_tuned_by_em_at_startup_are_the_offline_ones_and_move_to_the_better_model(tmp_path, files):
+    """`serve --tune-on VALID` runs the same EM as `rnnlm eval --tune-on` (RNNs learning at the
+    daemon's rate) and serves with the weights it found."""
+    lines = text_lines(files)
+    (tmp_path / "valid.txt").write_text("\n".join(lines[:30]) + "\n")
+    mixture = offline(files, ["a.pt", "b.pt", "kn3.arpa"], [0.375, 0.375, 0.25])  # EM starts where the daemon's does
+    mixture.tune(tokens_of(lines[:30]))
+    with Daemon(tmp_path, files / "a.pt", "--extra-model", str(files / "b.pt"), "--ngram", str(files / "kn3.arpa"),
+                "--tune-on", str(tmp_path / "valid.txt")) as d, Client(d.endpoint) as c:
+        served = [p["weight"] for p in c.info()["components"]]
+        assert d.stop() == 0
+    assert "mixture weights tuned on" in d.output()
+    np.testing.assert_allclose(served, mixture.weights, rtol=1e-12)
+    alone = {n: offline(files, [n], [1.0]).score(tokens_of(lines[:30])).tally.perplexity for n in ("a.pt", "b.pt")}
+    better, worse = sorted(alone, key=alone.get)
+    assert served[["a.pt", "b.pt"].index(better)] > served[["a.pt", "b.pt"].index(worse)], (alone, served)
+
+
 def test_a_restart_resumes_every_component_and_a_different_set_is_refused(tmp_path, files):
     """The stream is cut mid-sentence by a SIGTERM; after the restart it continues with every RNN's
     adapted weights and state and the n-gram's history, so the total is the offline one."""
@@ -233,6 +251,9 @@ def test_a_damaged_mixture_state_is_refused(learner_payload, damage):
     (["--extra-model", "{d}/b.pt", "--weights", "0.5,0.3,0.2"], "3 numbers for 2 models"),
     (["--extra-model", "{d}/b.pt", "--weights", "0.5,0.6"], "sum to 1"),
     (["--ngram", "{d}/missing.arpa"], "missing.arpa: no such file"),
+    (["--tune-on", "{d}/test.txt"], "need --extra-model or --ngram"),
+    (["--ngram", "{d}/kn3.arpa", "--tune-on", "{d}/test.txt", "--weights", "0.7,0.3"], "finds the weights itself"),
+    (["--ngram", "{d}/kn3.arpa", "--tune-on", "{d}/missing.txt"], "missing.txt: no such file"),
 ])
 def test_serve_mixture_options_are_checked(files, tmp_path, args, message):
     result = CliRunner().invoke(main, ["serve", "--model", str(files / "a.pt"), "--bind", "tcp://127.0.0.1:0",
