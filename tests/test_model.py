@@ -9,8 +9,8 @@ import torch
 
 from rnnlm.checkpoint import CheckpointError, load_model, save_model
 from rnnlm.evaluate import evaluate
-from rnnlm.model import RNNLM, Config, OnlineRule
-from rnnlm.train import train
+from rnnlm.model import RNNLM, Config, OnlineRule, Weights
+from rnnlm.train import DENSE, merge_dense_updates, train
 from rnnlm.vocab import KNOWN, OOV, RARE, RARE_WORD, Vocabulary
 
 
@@ -101,6 +101,38 @@ def test_learning_rate_schedule_halves_then_stops_and_never_keeps_worse_weights(
     final = evaluate(model, valid)
     assert final.loss_nats == pytest.approx(report.best_valid.loss_nats, rel=1e-9)
     assert final.perplexity < len(vocab) / 2
+
+
+def test_merging_the_threads_dense_updates_adds_each_one_and_hands_back_the_sum():
+    rng = np.random.default_rng(0)
+    start = {name: rng.normal(size=(4, 3)).astype(np.float32) for name in DENSE}
+    shared = rng.normal(size=(5, 3)).astype(np.float32)  # U and V are shared, not merged
+    replicas = [Weights(U=shared, V=shared, **{n: a + rng.normal(size=a.shape).astype(np.float32)
+                                                for n, a in start.items()}) for _ in range(3)]
+    want = {n: start[n] + sum(getattr(r, n) - start[n] for r in replicas) for n in DENSE}
+    round_start = {n: a.copy() for n, a in start.items()}
+    merge_dense_updates(replicas, round_start)
+    for name in DENSE:
+        for array in [round_start[name]] + [getattr(r, name) for r in replicas]:
+            np.testing.assert_allclose(array, want[name], rtol=1e-5, atol=1e-6)
+
+
+def test_two_threads_learn_as_well_as_one():
+    """Each thread trains on its half of the text; every update reaches the model's weights."""
+    lines = toy_text(400, seed=3)
+    words, valid = words_of(lines[:340]), words_of(lines[340:])
+    vocab = Vocabulary.build(words, num_classes=3)
+    results = {}
+    for threads in (1, 2):
+        model = RNNLM.create(Config(hidden=12, classes=3, max_epochs=4), vocab)
+        start = model.weights.copy()
+        report = train(model, words, valid, threads=threads)
+        assert sum(e.train.words for e in report.epochs) == len(report.epochs) * len(words)
+        for name in model.weights.NAMES:
+            assert not np.array_equal(getattr(model.weights, name), getattr(start, name)), (threads, name)
+        results[threads] = evaluate(model, valid).perplexity
+    assert results[2] < len(vocab) / 2
+    assert results[2] < 1.1 * results[1], results
 
 
 def test_dynamic_evaluation_adapts_and_beats_static_on_a_repetitive_stream():
