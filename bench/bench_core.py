@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="use this model instead of training one")
     parser.add_argument("--out", default=str(REPO / "runs" / "bench-ptb200.pt"))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=1, help="seed of the initial weights (run-to-run spread)")
     args = parser.parse_args()
     data = Path(args.data)
     train_words = read_tokens(data / "ptb.train.txt")
@@ -65,7 +66,7 @@ def main() -> None:
         model = load_model(args.model)
         print(f"model {args.model} (not trained in this run)")
     else:
-        config = Config(hidden=200, classes=100, bptt=4, bptt_block=10)
+        config = Config(hidden=200, classes=100, bptt=4, bptt_block=10, seed=args.seed)
         start = time.perf_counter()
         model = RNNLM.create(config, Vocabulary.build(train_words, config.min_count, config.classes))
 
