@@ -165,9 +165,7 @@ class Learner:
         results = []
         lo = 0
         for m in messages:
-            results.append(self._account(slice(lo, lo + len(m)), m, logprobs, kinds, rnn_logprobs,
-                                         rnn_logprobs if rnn_logprobs is not None else logprobs,
-                                         learn, stream, domain))
+            results.append(self._account(slice(lo, lo + len(m)), m, logprobs, kinds, rnn_logprobs, learn, stream, domain))
             lo += len(m)
         assert sum(r.applied for r in results) == applied, "the step's update count and the per-message count agree"
 
@@ -192,11 +190,12 @@ class Learner:
         return results
 
     @staticmethod
-    def _account(span: slice, words: list[str], logprobs: np.ndarray, kinds: np.ndarray, rnn_logprobs,
-                 primary: np.ndarray, learn: bool, stream: Stream, domain: Domain) -> ScoreResult:
+    def _account(span: slice, words: list[str], logprobs: np.ndarray, kinds: np.ndarray,
+                 rnn_logprobs: np.ndarray | None, learn: bool, stream: Stream, domain: Domain) -> ScoreResult:
         """One message's share of a run: its numbers, and the tallies and counters as they stood after it.
 
         The step learns from every word whose ln P under the primary RNN is finite."""
+        primary = rnn_logprobs if rnn_logprobs is not None else logprobs
         applied = int(np.isfinite(primary[span]).sum()) if learn else 0
         skipped = len(words) - applied if learn else 0
         logp, kind = logprobs[span], kinds[span]
@@ -227,6 +226,13 @@ class Learner:
         """The guard rolled the primary RNN back: the extra RNNs (no snapshots) go back to their base."""
         for weights, model in zip(domain.extra, self.combination.extras):
             weights.assign(model.weights)
+
+    def warm_up(self) -> None:
+        """Run the online step once on throwaway copies, so that loading the compiled code (a
+        fraction of a second) happens before the daemon says it is ready, not in the first reply."""
+        models = [self.model, *(self.combination.extras if self.combination is not None else [])]
+        for model in models:
+            model.step(np.array([model.vocab.eos_id]), model.new_state(self.rule), self.rule, model.weights.copy())
 
     def reset(self, domain: str, name: str) -> bool:
         return self.streams.pop((domain, name), None) is not None

@@ -111,6 +111,7 @@ class Server:
     def startup(self) -> None:
         cfg = self.config
         self.learner = self.load_learner()
+        self.learner.warm_up()
         model = self.learner.model
         components = self.components()
         self.metrics.info.info({k: str(v) for k, v in {
