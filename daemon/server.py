@@ -74,8 +74,7 @@ class ServeConfig:
 class Message:
     """One message taken from a socket, parsed (or refused) and waiting for its answer."""
 
-    socket: zmq.Socket
-    frames: list[bytes]
+    frames: list[bytes]  # the last is the request; the ones before it route the reply
     fire_and_forget: bool  # from the PULL socket: handled and counted, never answered
     start: float  # when parsing began
     op: str = "invalid"
@@ -252,7 +251,7 @@ class Server:
         return run
 
     def parse(self, socket: zmq.Socket, frames: list[bytes]) -> Message:
-        message = Message(socket, frames, socket is self.pull, time.perf_counter())
+        message = Message(frames, socket is self.pull, time.perf_counter())
         try:
             frame = frames[-1]
             protocol.check_size(frame, self.config.max_message_bytes)
