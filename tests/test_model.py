@@ -103,18 +103,17 @@ def test_learning_rate_schedule_halves_then_stops_and_never_keeps_worse_weights(
     assert final.perplexity < len(vocab) / 2
 
 
-def test_merging_the_threads_dense_updates_adds_each_one_and_hands_back_the_sum():
+def test_merging_the_threads_dense_updates_averages_their_copies_and_hands_back_the_mean():
     rng = np.random.default_rng(0)
-    start = {name: rng.normal(size=(4, 3)).astype(np.float32) for name in DENSE}
     shared = rng.normal(size=(5, 3)).astype(np.float32)  # U and V are shared, not merged
-    replicas = [Weights(U=shared, V=shared, **{n: a + rng.normal(size=a.shape).astype(np.float32)
-                                                for n, a in start.items()}) for _ in range(3)]
-    want = {n: start[n] + sum(getattr(r, n) - start[n] for r in replicas) for n in DENSE}
-    round_start = {n: a.copy() for n, a in start.items()}
-    merge_dense_updates(replicas, round_start)
+    replicas = [Weights(U=shared, V=shared, W=rng.normal(size=(4, 4)).astype(np.float32),
+                        X=rng.normal(size=(2, 4)).astype(np.float32)) for _ in range(3)]
+    want = {n: sum(getattr(r, n) for r in replicas) / 3 for n in DENSE}
+    merge_dense_updates(replicas)
     for name in DENSE:
-        for array in [round_start[name]] + [getattr(r, name) for r in replicas]:
-            np.testing.assert_allclose(array, want[name], rtol=1e-5, atol=1e-6)
+        for r in replicas:
+            np.testing.assert_allclose(getattr(r, name), want[name], rtol=1e-5, atol=1e-6)
+    assert replicas[0].U is shared and replicas[2].V is shared
 
 
 def test_two_threads_learn_as_well_as_one():
