@@ -20,7 +20,7 @@ import numpy as np
 from .evaluate import CHUNK, Tally, evaluate
 from .model import RNNLM, OnlineRule, Weights
 
-SYNC_WORDS = 64  # words per thread between merges of the threads' copies of W and X (32: 15 % slower, no better)
+SYNC_WORDS = 64  # words per thread between merges of the threads' copies of W and X (every 32 ran 15 % slower)
 DENSE = ("W", "X")
 
 
