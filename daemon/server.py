@@ -22,6 +22,7 @@ from pathlib import Path
 import zmq
 
 from rnnlm.checkpoint import CheckpointError, VERSION, load_model, read_checked, write_atomic
+from rnnlm.bundled import DEFAULT_MODEL
 from rnnlm.model import OnlineRule
 
 from . import protocol
@@ -37,7 +38,6 @@ log = logging.getLogger("rnnlm.daemon")
 
 RUN_TOKENS = 1024  # most tokens scored in one call for consecutive messages of a stream (bounds their latency)
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "rnnlm" / "data" / "default.pt"
 
 
 @dataclass
