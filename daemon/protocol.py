@@ -1,4 +1,4 @@
-"""The wire protocol (see PROTOCOL.md): msgpack maps in, msgpack maps out, version 1.
+"""The wire protocol (see docs/protocol.md): msgpack maps in, msgpack maps out, version 1.
 
 Everything a client can get wrong is caught here and turned into a `ProtocolError` with a stable
 code; the server answers it and goes on.

@@ -302,7 +302,7 @@ def serve(model_file, bind, pull_bind, metrics_addr, state_dir, port_file, lr, n
 
     Every word is scored with the current weights, then the network takes one SGD step on it at
     --lr (0.01, the dynamic model). Runs in the foreground; SIGTERM answers what is in hand,
-    writes a checkpoint and exits 0. The wire protocol is in PROTOCOL.md.
+    writes a checkpoint and exits 0. The wire protocol is in docs/protocol.md.
 
     With --extra-model and/or --ngram, every score interpolates the models word by word as
     `rnnlm eval` does (every RNN adapting per domain); replies and metrics also give the --model

@@ -130,7 +130,7 @@ def mutate_frame(frame: bytes, how: tuple) -> bytes:
 
 
 def expected_id(frame: bytes):
-    """What the reply's `id` must be: the request's if it can be read, else nil (PROTOCOL.md)."""
+    """What the reply's `id` must be: the request's if it can be read, else nil (docs/protocol.md)."""
     if len(frame) > MAX_BYTES:
         return None
     try:

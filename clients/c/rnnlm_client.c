@@ -2,7 +2,7 @@
  *
  *   rnnlm_client ENDPOINT [--stream ID] [--domain D] [--no-learn] [--timeout S] < text
  *
- * It exists to show that the wire protocol (PROTOCOL.md, version 1) needs nothing from Python:
+ * It exists to show that the wire protocol (docs/protocol.md, version 1) needs nothing from Python:
  * a DEALER socket from libzmq and msgpack maps from msgpack-c are enough.
  *
  * Output, on stdout: one record per scored line, `id TAB tokens TAB loss TAB stream_perplexity`
