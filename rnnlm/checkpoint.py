@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .model import RNNLM, Config, Weights
+from .model import RNNLM, Config, Weights, check_direct_size
 from .vocab import Vocabulary
 
 MODEL_FORMAT = "rnnlm-model"
@@ -73,8 +73,13 @@ def weights_to_tensors(weights: Weights) -> dict[str, torch.Tensor]:
     return {name: torch.from_numpy(array) for name, array in weights.arrays().items()}
 
 
-def weights_from_tensors(tensors: dict, vocab_size: int, hidden: int, classes: int, where: str) -> Weights:
+def weights_from_tensors(tensors: dict, vocab_size: int, hidden: int, classes: int, where: str,
+                         direct_size: int = 0) -> Weights:
     expected = {"U": (vocab_size, hidden), "W": (hidden, hidden), "V": (vocab_size, hidden), "X": (classes, hidden)}
+    if direct_size:
+        expected["D"] = (direct_size,)
+    elif isinstance(tensors, dict) and "D" in tensors:
+        raise CheckpointError(f"{where}: direct weights D in a model configured without direct connections")
     arrays = {}
     for name, shape in expected.items():
         tensor = tensors.get(name) if isinstance(tensors, dict) else None
@@ -101,7 +106,12 @@ def model_from_payload(payload: dict, where: str) -> RNNLM:
         vocab = Vocabulary.from_state(payload["vocab"])
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{where}: damaged model description ({err})") from None
-    weights = weights_from_tensors(payload.get("weights"), len(vocab), config.hidden, vocab.num_classes, where)
+    try:
+        check_direct_size(config, vocab)
+    except ValueError as err:
+        raise CheckpointError(f"{where}: {err}") from None
+    weights = weights_from_tensors(payload.get("weights"), len(vocab), config.hidden, vocab.num_classes, where,
+                                   config.direct_size)
     return RNNLM(config, vocab, weights)
 
 

@@ -54,7 +54,7 @@ def train_epoch(model: RNNLM, ids: np.ndarray, rule: OnlineRule, threads: int,
 
     With several threads, each takes a contiguous part of the text with its own hidden state.
     The big, sparsely updated matrices (U, V: one row per input word, the rows of one class per
-    target) are shared and updated without locks (Hogwild). The small dense ones (W, and the class
+    target; the direct hash array D: a few blocks per word) are shared and updated without locks (Hogwild). The small dense ones (W, and the class
     layer X, rewritten after every word) are private to each thread, and every SYNC_WORDS words
     the threads' copies are averaged into one (see merge_dense_updates): two threads writing the
     same cache lines word after word barely run faster than one (docs/benchmarks.md).
@@ -62,7 +62,7 @@ def train_epoch(model: RNNLM, ids: np.ndarray, rule: OnlineRule, threads: int,
     shards = np.array_split(ids, threads)
     states = [model.new_state(rule) for _ in shards]
     own = model.weights
-    replicas = [own] + [Weights(U=own.U, W=own.W.copy(), V=own.V, X=own.X.copy()) for _ in shards[1:]]
+    replicas = [own] + [Weights(U=own.U, W=own.W.copy(), V=own.V, X=own.X.copy(), D=own.D) for _ in shards[1:]]
     tally = Tally()
     no_kinds = np.zeros(max(SYNC_WORDS, CHUNK), dtype=np.int8)
 
@@ -117,7 +117,7 @@ def train(model: RNNLM, train_words: list[str], valid_words: list[str], threads:
     start = time.perf_counter()
     for epoch in range(1, cfg.max_epochs + 1):
         saved = model.weights.copy()
-        rule = OnlineRule(lr=lr, l2=cfg.l2, bptt=cfg.bptt, block=cfg.bptt_block)
+        rule = OnlineRule(lr=lr, l2=cfg.l2, direct_l2=cfg.direct_l2, bptt=cfg.bptt, block=cfg.bptt_block)
         def report(done: int, tally: Tally) -> None:
             if progress:
                 progress(epoch, done, len(ids), tally)
