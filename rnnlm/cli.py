@@ -67,21 +67,30 @@ def main():
 @click.option("--min-improvement", default=1.003, show_default=True, type=click.FloatRange(1), help="Start halving α when validation log-likelihood improves by less than this factor.")
 @click.option("--max-epochs", default=20, show_default=True, type=click.IntRange(1), help="Upper bound on epochs.")
 @click.option("--seed", default=1, show_default=True, type=int, help="Random seed for the initial weights.")
+@click.option("--direct", default=0.0, show_default=True, type=click.FloatRange(0), help="Direct connections (RNNME): millions of hashed n-gram weights on the outputs; 0 = off.")
+@click.option("--direct-order", default=3, show_default=True, type=click.IntRange(1, 16), help="The direct features see the last 0..N-1 words.")
+@click.option("--direct-l2", default=0.0, show_default=True, type=click.FloatRange(0), help="L2 of the direct weights (their own; on small data it matters).")
+@click.option("--direct-rate", default=1.0, show_default=True, type=click.FloatRange(0, min_open=True), help="The direct weights learn at this multiple of α (in training and dynamically).")
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(1, 64), help="Hogwild training threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @friendly_errors
 def train(train_file, valid_file, out, hidden, classes, class_rule, bptt, bptt_block, min_count, lr, l2, min_improvement,
-          max_epochs, seed, threads, as_json):
+          max_epochs, seed, direct, direct_order, direct_l2, direct_rate, threads, as_json):
     """Train a model with SGD, truncated BPTT and the halving learning-rate schedule."""
     from .train import train as run_training
 
     train_words, valid_words = read_tokens(train_file), read_tokens(valid_file)
     config = Config(hidden=hidden, classes=classes, bptt=bptt, bptt_block=bptt_block, min_count=min_count,
-                    lr=lr, l2=l2, min_improvement=min_improvement, max_epochs=max_epochs, seed=seed)
+                    lr=lr, l2=l2, min_improvement=min_improvement, max_epochs=max_epochs, seed=seed,
+                    direct=direct, direct_order=direct_order, direct_l2=direct_l2, direct_rate=direct_rate)
     vocab = Vocabulary.build(train_words, min_count, classes, class_rule)
-    model = RNNLM.create(config, vocab)
+    try:
+        model = RNNLM.create(config, vocab)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--direct") from None
+    direct_note = f", direct {config.direct_size:,} weights order {direct_order}" if config.direct_size else ""
     say(f"vocabulary {len(vocab):,} words ({len(vocab.rare_words):,} rare merged), {vocab.num_classes} classes, "
-        f"hidden {hidden}; {len(train_words):,} training words, {threads} thread(s)")
+        f"hidden {hidden}{direct_note}; {len(train_words):,} training words, {threads} thread(s)")
     bar = TrainProgress()
 
     def on_epoch(e):
