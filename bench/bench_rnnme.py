@@ -20,12 +20,13 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from rnnlm.checkpoint import load_model, save_model
 from rnnlm.corpus import read_tokens
 from rnnlm.evaluate import evaluate
-from rnnlm.model import RNNLM, Config, OnlineRule
+from rnnlm.model import RNNLM, Config, OnlineRule, Weights
 from rnnlm.train import train
 from rnnlm.vocab import Vocabulary
 
@@ -129,6 +130,12 @@ def recipe(args, data: Path) -> None:
     dynamic = evaluate(model, test_words, DYNAMIC, weights=model.weights.copy())
     print(f"dynamic 0.01 test perplexity {dynamic.perplexity:.2f}, online step {dynamic.words_per_sec:,.0f} words/s "
           f"(one thread)  load {load()}", flush=True)
+    plain = RNNLM(replace(model.config, direct=0.0), model.vocab, Weights(**{n: getattr(model.weights, n) for n in Weights.NAMES}))
+    without = evaluate(plain, test_words, DYNAMIC, weights=plain.weights.copy())
+    again = evaluate(model, test_words, DYNAMIC, weights=model.weights.copy())
+    print(f"online step, same run: {again.words_per_sec:,.0f} words/s with the direct features, "
+          f"{without.words_per_sec:,.0f} words/s for the same network without them (perplexity {without.perplexity:.2f})",
+          flush=True)
     if args.kn5:
         test = data / "ptb.test.txt"
         for extra in ([], ["--dynamic", "0.01"]):
