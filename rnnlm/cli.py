@@ -124,11 +124,12 @@ def train(train_file, valid_file, out, hidden, classes, class_rule, bptt, bptt_b
 @click.option("--tune-on", "tune_file", default=None, type=click.Path(dir_okay=False), help="Tune the mixture weights by EM on this validation text first.")
 @click.option("--dynamic", type=click.FloatRange(0, min_open=True), default=None, help="Dynamic model: learn from each word after scoring it, at this rate (the paper: 0.01); applies to every RNN model.")
 @click.option("--dynamic-bptt", default=OnlineRule.bptt, show_default=True, type=click.IntRange(0, 64), help="Extra steps back in time in each dynamic update (0 = plain backprop).")
+@click.option("--dynamic-direct-rate", type=click.FloatRange(0, min_open=True), default=None, help="Direct weights (RNNME models) learn at this multiple of --dynamic (default: the rate multiple they were trained with).")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(1, 64), help="Static scoring of one model: split the text at sentence ends across threads, each part starting fresh.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @friendly_errors
 def eval_command(model_files, test_file, ngram_file, ngram_weight, weights_text, tune_file, dynamic, dynamic_bptt,
-                 threads, as_json):
+                 dynamic_direct_rate, threads, as_json):
     """Measure perplexity on a text, static or with the dynamic model, of one model or a mixture.
 
     Several --model files and an --ngram ARPA model are interpolated word by word,
@@ -138,7 +139,7 @@ def eval_command(model_files, test_file, ngram_file, ngram_weight, weights_text,
     """
     if not model_files and not ngram_file:
         raise click.UsageError("give at least one --model or an --ngram model")
-    rule = OnlineRule(lr=dynamic, bptt=dynamic_bptt) if dynamic is not None else None
+    rule = OnlineRule(lr=dynamic, bptt=dynamic_bptt, direct_rate=dynamic_direct_rate) if dynamic is not None else None
     _need_files(ngram_file, tune_file)
     mixing = len(model_files) > 1 or ngram_file or weights_text or tune_file or ngram_weight is not None
     if not mixing:

@@ -140,6 +140,7 @@ class OnlineRule:
     lr: float = 0.01
     l2: float = 0.0
     direct_l2: float = 0.0  # L2 of the direct weights (Config.direct_l2 in training)
+    direct_rate: float | None = None  # the direct weights' rate as a multiple of lr; None: the model's (Config.direct_rate)
     bptt: int = 1
     block: int = 1
     learn: bool = True
@@ -189,7 +190,8 @@ class RNNLM:
         learned = kernels.sgd_pass(w.U, w.W, w.V, w.X, w.D, v.class_of, v.class_start, v.class_end,
                          state.hidden, state.inputs, state.errors, state.meta,
                          ids, np.float32(rule.lr), np.float32(rule.l2),
-                         np.float32(rule.lr * cfg.direct_rate), np.float32(rule.direct_l2), cfg.direct_features,
+                         np.float32(rule.lr * (cfg.direct_rate if rule.direct_rate is None else rule.direct_rate)),
+                         np.float32(rule.direct_l2), cfg.direct_features,
                          rule.bptt, rule.block, rule.learn, out)
         return out, learned
 

@@ -236,3 +236,18 @@ def test_silent_direct_weights_score_exactly_as_the_plain_network():
     static = OnlineRule(learn=False)
     np.testing.assert_array_equal(plain.step(ids, plain.new_state(), static)[0],
                                   direct.step(ids, direct.new_state(), static)[0])
+
+
+def test_an_online_rule_may_set_the_direct_weights_rate_apart_from_the_model():
+    from dataclasses import replace
+    ids = np.array([1, 0, 3, 2, 8], dtype=np.int32)
+    by_rule, by_config = direct_model(), direct_model()
+    by_config.config = replace(by_config.config, direct_rate=4.0)
+    rule = OnlineRule(lr=0.1, direct_rate=4.0)
+    a = by_rule.step(ids, by_rule.new_state(rule), rule)[0]
+    b = by_config.step(ids, by_config.new_state(rule), OnlineRule(lr=0.1))[0]
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(by_rule.weights.D, by_config.weights.D)
+    default = direct_model()
+    default.step(ids, default.new_state(rule), OnlineRule(lr=0.1))
+    assert not np.array_equal(default.weights.D, by_rule.weights.D)
