@@ -1,7 +1,8 @@
 """RNNME on the Penn Treebank: direct connections (hashed n-gram features) beside the network.
 
     .venv/bin/python bench/bench_rnnme.py ablation [--words 300000] [--runs none,10:3:0,...]
-    .venv/bin/python bench/bench_rnnme.py recipe --direct 10 --direct-order 4 [--direct-l2 ...] [--model m.pt]
+    .venv/bin/python bench/bench_rnnme.py recipe --direct 10 --direct-order 4 --direct-l2 1e-3 --direct-rate 0.5 \
+        --dynamic-direct-rate 16 --kn5 kn5.arpa [--model m.pt]
 
 `ablation` trains short runs on the first --words words of the training text (H=200, 100 classes,
 BPTT 4, at most --epochs epochs) and reports validation perplexity, static and dynamic (0.01), with
@@ -96,12 +97,12 @@ def eval_cli(model_path: Path, test: Path, extra: list[str]) -> dict:
     return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
 
 
-def adapted_domains_rss(model: RNNLM, words: list[str], domains: int) -> float:
+def adapted_domains_rss(model: RNNLM, words: list[str], domains: int, rule: OnlineRule) -> float:
     """RSS after `domains` adapted copies of the weights, each having learned from 2,000 words."""
     copies = []
     for d in range(domains):
         weights = model.weights.copy()
-        evaluate(model, words[d * 2000:(d + 1) * 2000], DYNAMIC, weights=weights)
+        evaluate(model, words[d * 2000:(d + 1) * 2000], rule, weights=weights)
         copies.append(weights)
     return rss_mb()
 
@@ -130,6 +131,11 @@ def recipe(args, data: Path) -> None:
     dynamic = evaluate(model, test_words, DYNAMIC, weights=model.weights.copy())
     print(f"dynamic 0.01 test perplexity {dynamic.perplexity:.2f}, online step {dynamic.words_per_sec:,.0f} words/s "
           f"(one thread)  load {load()}", flush=True)
+    online = OnlineRule(lr=0.01, direct_rate=args.dynamic_direct_rate)
+    if args.dynamic_direct_rate is not None:
+        tuned = evaluate(model, test_words, online, weights=model.weights.copy())
+        print(f"dynamic 0.01, direct weights at {args.dynamic_direct_rate} × 0.01: test perplexity "
+              f"{tuned.perplexity:.2f}, {tuned.words_per_sec:,.0f} words/s  load {load()}", flush=True)
     plain = RNNLM(replace(model.config, direct=0.0), model.vocab, Weights(**{n: getattr(model.weights, n) for n in Weights.NAMES}))
     without = evaluate(plain, test_words, DYNAMIC, weights=plain.weights.copy())
     again = evaluate(model, test_words, DYNAMIC, weights=model.weights.copy())
@@ -138,12 +144,13 @@ def recipe(args, data: Path) -> None:
           flush=True)
     if args.kn5:
         test = data / "ptb.test.txt"
-        for extra in ([], ["--dynamic", "0.01"]):
+        rate = [] if args.dynamic_direct_rate is None else ["--dynamic-direct-rate", str(args.dynamic_direct_rate)]
+        for extra in ([], ["--dynamic", "0.01", *rate]):
             result = eval_cli(out, test, ["--ngram", args.kn5, *extra])
             print(f"rnnlm eval --ngram {args.kn5} {' '.join(extra) or '(static)'}: "
                   f"test perplexity {result['perplexity']:.2f}  load {load()}", flush=True)
     base = rss_mb()
-    rss = adapted_domains_rss(model, test_words, 16)
+    rss = adapted_domains_rss(model, test_words, 16, online)
     print(f"RSS: {base:.0f} MB with the model loaded; {rss:.0f} MB with 16 adapted full copies of the weights "
           f"({model.weights.D.nbytes / 2**20:.0f} MB of direct weights each)", flush=True)
 
@@ -162,6 +169,8 @@ def main() -> None:
     parser.add_argument("--direct-order", type=int, default=4)
     parser.add_argument("--direct-l2", type=float, default=0.0)
     parser.add_argument("--direct-rate", type=float, default=1.0)
+    parser.add_argument("--dynamic-direct-rate", type=float, default=None,
+                        help="recipe: also measure dynamic with the direct weights at this multiple of 0.01")
     parser.add_argument("--model", default=None, help="recipe: measure this model instead of training one")
     parser.add_argument("--out", default=str(REPO / "runs" / "bench-rnnme.pt"))
     parser.add_argument("--kn5", default=None, help="recipe: ARPA file (rnnlm ngram build --order 5) to interpolate")
