@@ -83,19 +83,26 @@ class CurveServer:
 
     def __init__(self, ctx: zmq.Context, secret_file: str | Path, authorized_dir: str | Path, failures=None):
         self.public, self.secret = load_secret(secret_file)
-        directory = Path(authorized_dir)
-        if not directory.is_dir():
-            raise ValueError(f"{directory}: no such directory of authorised client keys")
-        allowed = sorted(directory.glob("*.key"))
-        if not allowed:
-            log.warning("%s holds no client keys (*.key): every client will be refused", directory)
+        self.directory = Path(authorized_dir)
+        if not self.directory.is_dir():
+            raise ValueError(f"{self.directory}: no such directory of authorised client keys")
         self.failures = failures  # a Counter labelled (socket, reason), or None
         self.monitors: list[tuple[zmq.Socket, threading.Thread]] = []
         self.authenticator = ThreadAuthenticator(ctx, log=logging.getLogger("rnnlm.daemon.zap"))
         self.authenticator.start()
+        self.reload()
+
+    def reload(self) -> None:
+        """(Re)read the authorised client keys: at start, and on SIGHUP. Connections made before
+        keep going; every new handshake is checked against the keys read here."""
+        if not self.directory.is_dir():
+            raise ValueError(f"{self.directory}: no such directory of authorised client keys")
+        allowed = sorted(self.directory.glob("*.key"))
+        if not allowed:
+            log.warning("%s holds no client keys (*.key): every client will be refused", self.directory)
         # Any domain, only the public keys found in the directory.
-        self.authenticator.configure_curve(domain="*", location=str(directory))
-        log.info("CURVE on: %d authorised client key(s) in %s", len(allowed), directory)
+        self.authenticator.configure_curve(domain="*", location=str(self.directory))
+        log.info("CURVE on: %d authorised client key(s) in %s", len(allowed), self.directory)
 
     def secure(self, socket: zmq.Socket, label: str) -> None:
         socket.curve_secretkey = self.secret

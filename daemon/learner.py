@@ -272,8 +272,11 @@ class Learner:
 
     # --- checkpoints ---------------------------------------------------------------------------
 
-    def to_payload(self) -> dict:
+    def to_payload(self, copy: bool = False) -> dict:
         """Everything needed to continue exactly where we are: base model, domains, streams.
+
+        With `copy`, every array that learning changes is copied, so the payload can be written
+        by another thread while this one goes on learning (the base model never changes).
 
         With a mixture also: which extra models and n-gram the state belongs to, each domain's
         adapted weights of every extra RNN, each stream's state per extra RNN and n-gram history."""
@@ -281,12 +284,12 @@ class Learner:
         payload = {
             "model": model_payload(self.model),
             "domains": {
-                name: {"weights": weights_to_tensors(d.weights), "updates": d.updates, "skipped": d.skipped,
+                name: {"weights": weights_to_tensors(d.weights, copy), "updates": d.updates, "skipped": d.skipped,
                        "tally": _tally_state(d.tally)}
                 for name, d in self.domains.items()
             },
             "streams": [
-                {"domain": dom, "stream": name, "tally": _tally_state(s.tally), **_state_tensors(s.state)}
+                {"domain": dom, "stream": name, "tally": _tally_state(s.tally), **_state_tensors(s.state, copy)}
                 for (dom, name), s in self.streams.items()
             ],
             "evicted": dict(self.evicted),
@@ -294,10 +297,10 @@ class Learner:
         if combination is not None:
             payload["components"] = [dict(p) for p in combination.fingerprints]
             for name, d in self.domains.items():
-                payload["domains"][name].update(extra_weights=[weights_to_tensors(w) for w in d.extra],
+                payload["domains"][name].update(extra_weights=[weights_to_tensors(w, copy) for w in d.extra],
                                                 rnn_loss_nats=d.rnn_loss)
             for entry, s in zip(payload["streams"], self.streams.values()):
-                entry["extra_states"] = [_state_tensors(state) for state in s.extra]
+                entry["extra_states"] = [_state_tensors(state, copy) for state in s.extra]
                 if s.history is not None:
                     entry["ngram_history"] = torch.tensor(combination.saved_history(s.history), dtype=torch.int64)
         return payload
@@ -366,8 +369,8 @@ def base_model_of(payload: dict, where: str) -> RNNLM:
     return model_from_payload(payload["model"], where)
 
 
-def _state_tensors(state: StreamState) -> dict:
-    return {k: torch.from_numpy(getattr(state, k)) for k in STATE_DTYPES}
+def _state_tensors(state: StreamState, copy: bool = False) -> dict:
+    return {k: torch.from_numpy(getattr(state, k).copy() if copy else getattr(state, k)) for k in STATE_DTYPES}
 
 
 def _weights_for(model: RNNLM, tensors, where: str) -> Weights:

@@ -50,14 +50,15 @@ class Metrics:
         self.evicted = Counter(f"{PREFIX}_streams_evicted", "Streams dropped to bound memory, by reason (lru, idle).",
                                ["reason"], registry=r)
         self.domains = Gauge(f"{PREFIX}_domains_active", "Domains with their own adapted weights.", registry=r)
-        self.checkpoints = Counter(f"{PREFIX}_checkpoints", "Checkpoints written, by outcome.", ["outcome"], registry=r)
+        self.checkpoints = Counter(f"{PREFIX}_checkpoints", "Checkpoint writes, by outcome (ok, failed: e.g. disk "
+                                   "full; retried with a growing pause).", ["outcome"], registry=r)
         self.last_checkpoint = Gauge(f"{PREFIX}_last_checkpoint_timestamp_seconds", "Unix time of the last checkpoint.", registry=r)
         self.checkpoint_age = Gauge(f"{PREFIX}_checkpoint_age_seconds", "Seconds since the last checkpoint (or since start).", registry=r)
         self.info = Info(f"{PREFIX}_model", "The model being served.", registry=r)
         self._last_checkpoint_time = time.time()
         self._children: dict = {}
         self.checkpoint_age.set_function(lambda: time.time() - self._last_checkpoint_time)
-        for outcome in ("ok", "error"):
+        for outcome in ("ok", "failed"):
             self.checkpoints.labels(outcome)
         # Trust: limits, authentication, the base model's shadow and the adaptation guard.
         self.limits = Counter(f"{PREFIX}_limits_hit", "Times a configured bound was hit, by limit "
@@ -86,7 +87,7 @@ class Metrics:
         return child
 
     def checkpointed(self, ok: bool) -> None:
-        self.checkpoints.labels("ok" if ok else "error").inc()
+        self.checkpoints.labels("ok" if ok else "failed").inc()
         if ok:
             self._last_checkpoint_time = time.time()
             self.last_checkpoint.set(self._last_checkpoint_time)

@@ -69,8 +69,9 @@ def read_checked(path: str | Path, expected_format: str) -> dict:
     return payload
 
 
-def weights_to_tensors(weights: Weights) -> dict[str, torch.Tensor]:
-    return {name: torch.from_numpy(array) for name, array in weights.arrays().items()}
+def weights_to_tensors(weights: Weights, copy: bool = False) -> dict[str, torch.Tensor]:
+    """The weights as tensors sharing their memory, or (`copy`) holding a copy of it."""
+    return {name: torch.from_numpy(array.copy() if copy else array) for name, array in weights.arrays().items()}
 
 
 def weights_from_tensors(tensors: dict, vocab_size: int, hidden: int, classes: int, where: str) -> Weights:
