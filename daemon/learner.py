@@ -23,10 +23,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from rnnlm.checkpoint import CheckpointError, model_from_payload, model_payload, weights_from_tensors, weights_to_tensors
+from rnnlm.checkpoint import CheckpointError, check_stream_arrays, model_from_payload, model_payload, weights_from_tensors, weights_to_tensors
 from rnnlm.corpus import EOS
 from rnnlm.evaluate import Tally
-from rnnlm import kernels
 from rnnlm.model import RNNLM, OnlineRule, StreamState, Weights
 from rnnlm.vocab import OOV, RARE_WORD
 
@@ -344,7 +343,7 @@ class Learner:
             evicted = {k: _count(v, where) for k, v in payload.get("evicted", {}).items() if k in self.evicted}
         except CheckpointError:
             raise
-        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, OverflowError) as err:
+        except Exception as err:  # any field of the wrong kind or shape: a damaged file, never a crash
             raise CheckpointError(f"{where}: damaged daemon state ({type(err).__name__}: {err})") from None
         while len(streams) > self.max_streams:  # a smaller --max-streams than the saved state had
             streams.popitem(last=False)
@@ -366,7 +365,7 @@ class Learner:
 
 
 def base_model_of(payload: dict, where: str) -> RNNLM:
-    return model_from_payload(payload["model"], where)
+    return model_from_payload(payload.get("model"), where)
 
 
 def _state_tensors(state: StreamState, copy: bool = False) -> dict:
@@ -410,14 +409,7 @@ def _check_name(name, what: str, where: str) -> None:
 
 
 def _check_stream_state(state: StreamState, vocab_size: int, where: str) -> None:
-    """Word ids index the weight matrices unchecked in the compiled step: they must be in range."""
-    window = state.window
-    ok = (np.all((state.inputs >= 0) & (state.inputs < vocab_size))
-          and 0 <= state.meta[kernels.LAST_WORD] < vocab_size
-          and 0 <= state.meta[kernels.PENDING] <= window and 0 <= state.meta[kernels.FILLED] <= window
-          and np.isfinite(state.hidden).all() and np.isfinite(state.errors).all())
-    if not ok:
-        raise CheckpointError(f"{where}: a stream's state holds word ids outside the vocabulary or values out of range")
+    check_stream_arrays(state.inputs, state.meta, state.hidden, state.errors, vocab_size, where)
 
 
 def message_words(request: Request) -> list[str]:
