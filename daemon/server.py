@@ -9,6 +9,7 @@ stops the intake; what is in hand is answered, a checkpoint is written, and the 
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import math
@@ -128,6 +129,7 @@ class Server:
 
     def startup(self) -> None:
         cfg = self.config
+        return_big_blocks_to_the_system()
         self.learner = self.load_learner()
         self.learner.warm_up()
         model = self.learner.model
@@ -554,6 +556,19 @@ def default_weights(extra_count: int, ngram: str | None, ngram_weight: float = 0
 def same_model(a, b) -> bool:
     return a.vocab.words == b.vocab.words and all(
         (x == y).all() for x, y in zip(a.weights.arrays().values(), b.weights.arrays().values()))
+
+
+def return_big_blocks_to_the_system() -> None:
+    """Fix glibc's mmap threshold at 1 MiB: big blocks (message frames, snapshot copies) then go
+    back to the system when freed. Left dynamic, glibc raises the threshold after the first such
+    free and keeps later ones in its heap, so RSS stays high after a burst of big messages."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
+
+
+M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
 
 
 def write_text_atomic(path: str, text: str) -> None:
