@@ -96,6 +96,7 @@ class Learner:
         self.stream_idle_seconds = stream_idle_seconds
         self.domains: dict[str, Domain] = {}
         self.streams: OrderedDict[tuple[str, str], Stream] = OrderedDict()  # least recently used first
+        self.before_learning = None  # called with (domain, stream key) before they change (state.Snapshot)
         self.evicted = {"lru": 0, "idle": 0}
 
     # --- scoring -------------------------------------------------------------------------------
@@ -156,6 +157,8 @@ class Learner:
         stream = self.stream(first.domain, first.stream)
         learn = first.learn and self.rule.learn
         rule = self.rule if learn else OnlineRule(learn=False)
+        if self.before_learning is not None:  # (the guard may roll weights back even when not learning)
+            self.before_learning(first.domain, (first.domain, first.stream))
         logprobs, kinds, applied = self.model.score_words(words, stream.state, rule, domain.weights)
         rnn_logprobs = None
         if self.combination is not None:
@@ -271,11 +274,13 @@ class Learner:
 
     # --- checkpoints ---------------------------------------------------------------------------
 
-    def to_payload(self, copy: bool = False) -> dict:
+    def to_payload(self, copy: bool = False, domain_weights: bool = True, stream_states: bool = True) -> dict:
         """Everything needed to continue exactly where we are: base model, domains, streams.
 
         With `copy`, every array that learning changes is copied, so the payload can be written
         by another thread while this one goes on learning (the base model never changes).
+        Without `domain_weights` and `stream_states`, the domains' weights and the streams' states
+        are left out, for state.Snapshot to copy them later, each before it changes.
 
         With a mixture also: which extra models and n-gram the state belongs to, each domain's
         adapted weights of every extra RNN, each stream's state per extra RNN and n-gram history."""
@@ -283,26 +288,36 @@ class Learner:
         payload = {
             "model": model_payload(self.model),
             "domains": {
-                name: {"weights": weights_to_tensors(d.weights, copy), "updates": d.updates, "skipped": d.skipped,
-                       "tally": _tally_state(d.tally)}
+                name: {**(self.weights_payload(d, copy) if domain_weights else {}), "updates": d.updates,
+                       "skipped": d.skipped, "tally": _tally_state(d.tally)}
                 for name, d in self.domains.items()
             },
             "streams": [
-                {"domain": dom, "stream": name, "tally": _tally_state(s.tally), **_state_tensors(s.state, copy)}
+                {"domain": dom, "stream": name, "tally": _tally_state(s.tally)}
                 for (dom, name), s in self.streams.items()
             ],
+            # Row i is streams[i]'s state: a few big tensors instead of four per stream, which
+            # would make the snapshot and the write (one Python call per tensor) take seconds.
             "evicted": dict(self.evicted),
         }
+        if stream_states:
+            payload["stream_states"] = stacked_states([s.state for s in self.streams.values()], self.model, self.rule)
         if combination is not None:
             payload["components"] = [dict(p) for p in combination.fingerprints]
             for name, d in self.domains.items():
-                payload["domains"][name].update(extra_weights=[weights_to_tensors(w, copy) for w in d.extra],
-                                                rnn_loss_nats=d.rnn_loss)
+                payload["domains"][name]["rnn_loss_nats"] = d.rnn_loss
             for entry, s in zip(payload["streams"], self.streams.values()):
                 entry["extra_states"] = [_state_tensors(state, copy) for state in s.extra]
                 if s.history is not None:
                     entry["ngram_history"] = torch.tensor(combination.saved_history(s.history), dtype=torch.int64)
         return payload
+
+    def weights_payload(self, domain: Domain, copy: bool) -> dict:
+        """A domain's adapted weights (and with a mixture, each extra RNN's) as a checkpoint holds them."""
+        entry = {"weights": weights_to_tensors(domain.weights, copy)}
+        if self.combination is not None:
+            entry["extra_weights"] = [weights_to_tensors(w, copy) for w in domain.extra]
+        return entry
 
     def restore(self, payload: dict, where: str) -> None:
         """Take the domains and streams of a saved state (its base model must be ours).
@@ -325,7 +340,10 @@ class Learner:
                     saved = _list_of(d["extra_weights"], len(extras), "extra models' weights", where)
                     domain.extra = [_weights_for(m, w, where) for m, w in zip(extras, saved)]
                     domain.rnn_loss = _tally_from({"loss_nats": d["rnn_loss_nats"]}, where, ("loss_nats",)).loss_nats
-            for s in payload["streams"]:
+            rows = _rows_of(payload.get("stream_states"), len(payload["streams"]), where)
+            for i, s in enumerate(payload["streams"]):
+                if rows is not None:
+                    s = {**s, **{k: rows[k][i] for k in STATE_DTYPES}}
                 _check_name(s["domain"], "domain", where)
                 _check_name(s["stream"], "stream", where)
                 if s["domain"] not in domains:
@@ -366,6 +384,27 @@ class Learner:
 
 def base_model_of(payload: dict, where: str) -> RNNLM:
     return model_from_payload(payload.get("model"), where)
+
+
+def stacked_states(states: list[StreamState], model: RNNLM, rule: OnlineRule) -> dict:
+    """The streams' states, one tensor per field with a row per stream (always a copy)."""
+    if not states:
+        empty = model.new_state(rule)
+        return {k: torch.from_numpy(np.zeros((0, *getattr(empty, k).shape), dtype=getattr(empty, k).dtype))
+                for k in STATE_DTYPES}
+    return {k: torch.from_numpy(np.stack([getattr(s, k) for s in states])) for k in STATE_DTYPES}
+
+
+def _rows_of(stacked, count: int, where: str) -> dict | None:
+    """The stacked stream states of a file, checked to hold one row per stream (None: a file
+    written before they were stacked keeps each stream's tensors in its own entry)."""
+    if stacked is None:
+        return None
+    if not isinstance(stacked, dict) or not all(
+            isinstance(stacked.get(k), torch.Tensor) and stacked[k].dim() >= 1 and stacked[k].shape[0] == count
+            for k in STATE_DTYPES):
+        raise CheckpointError(f"{where}: the stream states are not tensors with one row per stream ({count})")
+    return stacked
 
 
 def _state_tensors(state: StreamState, copy: bool = False) -> dict:

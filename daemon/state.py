@@ -1,8 +1,12 @@
 """The daemon's state file: its format, the snapshot, writing it off the main loop, rotation and resume.
 
-A checkpoint is a copy of the learner's state taken between two messages (`snapshot`), written
-by a background thread (`begin`), so the main loop goes on serving while the bytes go to disk.
-At most one write is in flight; `write_now` (the `save` op, shutdown) waits for it first.
+A checkpoint is the learner's state as it stood between two messages (a `Snapshot`), written by
+a background thread (`begin`), so the main loop goes on serving while the bytes go to disk. The
+main thread copies the small and scattered parts at once (counters, tallies, the streams' states
+stacked into a few tensors); the domains' weights (16 MB each at PTB size) are copied by the
+writer, one domain at a time, except that a domain about to learn is copied first by the main
+thread (copy before write), so the file is still that one moment's state. At most one write is in
+flight; `write_now` (the `save` op, shutdown) waits for it first.
 
 Writing never stops the daemon. Whatever a write raises (ENOSPC, EROFS, EIO, or torch's
 RuntimeError wrapping one of them) is counted in rnnlm_checkpoints_total{outcome="failed"}, logged
@@ -26,7 +30,7 @@ from typing import Callable
 
 from rnnlm.checkpoint import VERSION, CheckpointError, read_checked, write_atomic
 
-from .learner import STATE_FORMAT, Learner, base_model_of
+from .learner import STATE_FORMAT, Learner, base_model_of, stacked_states
 
 log = logging.getLogger("rnnlm.daemon")
 
@@ -40,11 +44,65 @@ class CheckpointWriteError(Exception):
     """A checkpoint could not be written; the message says why (e.g. no space left on device)."""
 
 
+class Snapshot:
+    """The learner's state at one moment. Domains' weights and streams' states are copied lazily:
+    by the writer thread, or by the main thread just before one of them changes."""
+
+    def __init__(self, learner: Learner):
+        self.learner = learner
+        self.payload = {"format": STATE_FORMAT, "version": VERSION,
+                        **learner.to_payload(copy=True, domain_weights=False, stream_states=False)}
+        self.domains = dict(learner.domains)  # name -> Domain whose weights are not copied yet
+        streams = list(learner.streams.items())  # in the payload's order
+        self.streams = {key: (i, stream) for i, (key, stream) in enumerate(streams)}  # not copied yet
+        self.states = [None] * len(streams)  # the copies, by row
+        self.lock = threading.Lock()  # held while copying: nothing is changed while it is being copied
+        learner.before_learning = self.before_learning
+
+    def before_learning(self, domain: str, stream: tuple[str, str]) -> None:
+        """The main thread is about to change this domain and stream: copy them first if not done yet."""
+        with self.lock:
+            self._copy_domain(domain)
+            self._copy_stream(stream)
+
+    def _copy_domain(self, name: str) -> None:
+        domain = self.domains.pop(name, None)
+        if domain is not None:
+            self.payload["domains"][name].update(self.learner.weights_payload(domain, copy=True))
+
+    def _copy_stream(self, key: tuple[str, str]) -> None:
+        entry = self.streams.pop(key, None)
+        if entry is not None:
+            self.states[entry[0]] = entry[1].state.copy()
+
+    def complete(self) -> dict:
+        """The whole payload (writer thread): copy what is not copied yet, a little at a time."""
+        for name in list(self.domains):
+            with self.lock:
+                self._copy_domain(name)
+        keys = list(self.streams)
+        for lo in range(0, len(keys), STREAMS_PER_LOCK):
+            with self.lock:
+                for key in keys[lo:lo + STREAMS_PER_LOCK]:
+                    self._copy_stream(key)
+        self.payload["stream_states"] = stacked_states(self.states, self.learner.model, self.learner.rule)
+        return self.payload
+
+    def release(self) -> None:
+        if self.learner.before_learning == self.before_learning:
+            self.learner.before_learning = None
+
+
+STREAMS_PER_LOCK = 500  # the main thread waits at most this many stream copies (~1 ms)
+
+
 @dataclass
 class Write:
     path: Path
     why: str
     started: float
+    snapshot_seconds: float  # the part spent on the main thread, copying the state
+    snapshot: Snapshot
     thread: threading.Thread | None = None
     error: BaseException | None = None
 
@@ -119,18 +177,19 @@ class StateStore:
     def begin(self, learner: Learner, why: str) -> None:
         """Snapshot the learner now and write the snapshot in a background thread."""
         assert self.in_flight is None, "one write at a time"
-        payload = {"format": STATE_FORMAT, "version": VERSION, **learner.to_payload(copy=True)}
+        started = time.perf_counter()
+        snapshot = Snapshot(learner)
         self.seq += 1
         path = self.directory / f"state-{self.seq:08d}.pt"
-        write = Write(path, why, time.perf_counter())
-        write.thread = threading.Thread(target=self._write, args=(write, payload), name="checkpoint", daemon=True)
+        write = Write(path, why, started, time.perf_counter() - started, snapshot)
+        write.thread = threading.Thread(target=self._write, args=(write,), name="checkpoint", daemon=True)
         self.in_flight = write
         write.thread.start()
 
     @staticmethod
-    def _write(write: Write, payload: dict) -> None:
+    def _write(write: Write) -> None:
         try:
-            write_atomic(write.path, payload)
+            write_atomic(write.path, write.snapshot.complete())
         except BaseException as err:  # anything: the main thread reports it
             write.error = err
 
@@ -144,6 +203,7 @@ class StateStore:
         """Wait for the write in flight; its path, or None when it failed (counted and logged)."""
         write, self.in_flight = self.in_flight, None
         write.thread.join()
+        write.snapshot.release()
         if write.error is not None:
             self._failed(write)
             return None
@@ -153,7 +213,8 @@ class StateStore:
         self.failures, self.retry_at, self.last_path = 0, 0.0, write.path
         for old in self.files()[:-self.keep]:
             old.unlink(missing_ok=True)
-        log.info("checkpoint %s (%s, %.0f ms)", write.path, write.why, 1000 * (time.perf_counter() - write.started))
+        log.info("checkpoint %s (%s, %.0f ms, of which %.0f ms taking the snapshot)", write.path, write.why,
+                 1000 * (time.perf_counter() - write.started), 1000 * write.snapshot_seconds)
         return write.path
 
     def _failed(self, write: Write) -> None:
