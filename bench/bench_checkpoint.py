@@ -6,7 +6,7 @@ The model is untrained: the PTB vocabulary (10k words, from shared/data/ptb's tr
 H=200, 100 classes, random weights, which has the real sizes of the PTB model (weights, state
 file, copy times) without hours of training. The daemon gets 16 domains and 10,000 streams, then
 a trickle of score messages (so every --checkpoint-seconds a checkpoint is due) while a probe
-sends a ping every 10 ms and times the answer. Printed: the checkpoints written (and how long
+sends a ping every 10 ms on a fixed schedule and times each answer. Printed: the checkpoints written (and how long
 each took, from the daemon's log), and the pings' p50 / p99 / max, overall and for the pings sent
 while a checkpoint was being taken or written.
 """
@@ -56,6 +56,31 @@ def fill(endpoint: str, domains: int, streams: int) -> None:
     socket.close()
 
 
+def probe_on_a_schedule(endpoint: str, seconds: float, pid: int, every: float = 0.01) -> tuple[list, float]:
+    """A ping every `every` seconds on a fixed schedule, whether or not earlier ones were answered,
+    so a stall of the daemon counts once per ping it delays (no coordinated omission)."""
+    probe = zmq.Context.instance().socket(zmq.DEALER)
+    probe.connect(endpoint)
+    sent: dict[int, tuple[float, float]] = {}
+    pings, peak, seq = [], 0.0, 0
+    end = time.monotonic() + seconds
+    next_send = time.monotonic()
+    while time.monotonic() < end or (sent and time.monotonic() < end + 30):
+        now = time.monotonic()
+        if now >= next_send and now < end:
+            probe.send(msgpack.packb({"op": "ping", "id": seq}))
+            sent[seq] = (time.time(), now)
+            seq += 1
+            next_send += every
+            peak = max(peak, rss_mb(pid))
+        while probe.poll(1):
+            reply = msgpack.unpackb(probe.recv(), raw=False)
+            wall, start = sent.pop(reply["id"])
+            pings.append((wall, time.monotonic() - start))
+    probe.close()
+    return pings, peak
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=30.0)
@@ -88,18 +113,7 @@ def main() -> None:
 
         thread = threading.Thread(target=trickle, daemon=True)
         thread.start()
-        probe = zmq.Context.instance().socket(zmq.DEALER)
-        probe.connect(ports["endpoint"])
-        pings = []  # (sent, seconds)
-        end = time.monotonic() + args.seconds
-        peak = 0.0
-        while time.monotonic() < end:
-            sent = time.monotonic()
-            probe.send(msgpack.packb({"op": "ping"}))
-            probe.recv()
-            pings.append((time.time(), time.monotonic() - sent))
-            peak = max(peak, rss_mb(proc.pid))
-            time.sleep(0.01)
+        pings, peak = probe_on_a_schedule(ports["endpoint"], args.seconds, proc.pid)
         stop.set()
         thread.join()
         probe.close()
@@ -111,7 +125,7 @@ def main() -> None:
     sizes = sorted((work / "state").glob("state-*.pt"))
     print(f"{len(checkpoints)} scheduled checkpoints in {args.seconds:.0f} s, each {sizes[-1].stat().st_size / 2 ** 20:.0f} MiB, "
           f"written in {', '.join(ms for _, ms in checkpoints)} ms; peak RSS {peak:.0f} MB")
-    seconds = np.array([s for _, s in pings]) * 1000
+    seconds = np.array([s for _, s in pings]) * 1000  # pings: (unix time sent, seconds to the answer)
     print(f"{len(seconds)} pings: p50 {np.percentile(seconds, 50):.1f} ms, p99 {np.percentile(seconds, 99):.1f} ms, "
           f"max {seconds.max():.1f} ms")
     # the pings sent while a checkpoint was in progress (its log line is stamped when it ends)
