@@ -116,7 +116,6 @@ def main() -> None:
         pings, peak = probe_on_a_schedule(ports["endpoint"], args.seconds, proc.pid)
         stop.set()
         thread.join()
-        probe.close()
     finally:
         proc.terminate()
         proc.wait()
