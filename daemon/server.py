@@ -10,6 +10,7 @@ stops the intake; what is in hand is answered, a checkpoint is written, and the 
 from __future__ import annotations
 
 import ctypes
+import gc
 import json
 import logging
 import math
@@ -132,6 +133,10 @@ class Server:
         return_big_blocks_to_the_system()
         self.learner = self.load_learner()
         self.learner.warm_up()
+        # Everything loaded so far (torch, numba, the model) lives as long as the process: kept out
+        # of the collector's full passes, which otherwise walk it all and pause the loop for
+        # hundreds of milliseconds whenever enough new objects (a snapshot's) have piled up.
+        gc.freeze()
         model = self.learner.model
         components = self.components()
         self.metrics.info.info({k: str(v) for k, v in {

@@ -22,6 +22,7 @@ one before.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ log = logging.getLogger("rnnlm.daemon")
 
 RETRY_FIRST_SECONDS = 1.0  # pause after a first failed write; it doubles with each failure after it
 RETRY_MAX_SECONDS = 300.0
+WRITER_NICE = 10
 
 __all__ = ["STATE_FORMAT", "StateStore", "CheckpointWriteError"]
 
@@ -87,6 +89,10 @@ class Snapshot:
                     self._copy_stream(key)
         self.payload["stream_states"] = stacked_states(self.states, self.learner.model, self.learner.rule)
         return self.payload
+
+    def drop(self) -> None:
+        with self.lock:
+            self.payload, self.states, self.domains, self.streams = {}, [], {}, {}
 
     def release(self) -> None:
         if self.learner.before_learning == self.before_learning:
@@ -188,10 +194,16 @@ class StateStore:
 
     @staticmethod
     def _write(write: Write) -> None:
+        try:  # on a busy machine the serving thread comes first (Linux: nice applies per thread)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
+        except (OSError, AttributeError):
+            pass
         try:
             write_atomic(write.path, write.snapshot.complete())
         except BaseException as err:  # anything: the main thread reports it
             write.error = err
+        finally:
+            write.snapshot.drop()  # hundreds of MB given back here, not in the main thread
 
     def poll(self) -> Path | None | bool:
         """Finish the write in flight if it is done: its path, None if it failed, False if none finished."""
