@@ -49,6 +49,8 @@ class Domain:
     guard: GuardState = field(default_factory=GuardState)  # shadow comparison, snapshots, rollbacks
     extra: list[Weights] = field(default_factory=list)  # with a mixture: each extra RNN's adapted weights
     rnn_loss: float = 0.0  # with a mixture: -Σ ln P of the primary RNN alone (the tally holds the mixture's)
+    owner: str | None = None  # with CURVE: the client key that created it (per-key quotas)
+    last_seen: float = field(default_factory=time.monotonic)  # last message (idle domains expire)
 
 
 @dataclass
@@ -83,7 +85,7 @@ class ScoreResult:
 class Learner:
     def __init__(self, model: RNNLM, rule: OnlineRule, max_streams: int = 10_000, max_domains: int = 16,
                  stream_idle_seconds: float = 3600.0, adapt: AdaptConfig | None = None,
-                 combination: Combination | None = None):
+                 combination: Combination | None = None, max_domains_per_key: int | None = None):
         self.model = model  # its weights are the base model's and never change
         self.rule = rule
         self.adaptation = Adaptation(adapt or AdaptConfig(), model)
@@ -93,6 +95,7 @@ class Learner:
             self.extra_adaptations = [Adaptation(decay, m) for m in combination.extras]
         self.max_streams = max_streams
         self.max_domains = max_domains
+        self.max_domains_per_key = max_domains_per_key
         self.stream_idle_seconds = stream_idle_seconds
         self.domains: dict[str, Domain] = {}
         self.streams: OrderedDict[tuple[str, str], Stream] = OrderedDict()  # least recently used first
@@ -101,15 +104,41 @@ class Learner:
 
     # --- scoring -------------------------------------------------------------------------------
 
-    def domain(self, name: str) -> Domain:
+    def domain(self, name: str, owner: str | None = None) -> Domain:
         domain = self.domains.get(name)
         if domain is None:
             if len(self.domains) >= self.max_domains:
                 raise ProtocolError("too_many_domains", f"at most {self.max_domains} domains; '{name}' would be one more")
-            domain = self.domains[name] = Domain(self.model.weights.copy())
+            if owner is not None and self.max_domains_per_key is not None:
+                owned = sum(d.owner == owner for d in self.domains.values())
+                if owned >= self.max_domains_per_key:
+                    raise ProtocolError("too_many_domains", f"this client key made {owned} domains already, the most "
+                                                            f"one key may make (--max-domains-per-key)")
+            domain = self.domains[name] = Domain(self.model.weights.copy(), owner=owner)
             if self.combination is not None:
                 domain.extra = self.combination.new_weights()
+        domain.last_seen = time.monotonic()
         return domain
+
+    def base_domain(self) -> Domain:
+        """A throwaway domain holding the base weights, for `learn: false` on a domain that does not
+        exist: scored like a new domain would be, without creating one."""
+        domain = Domain(self.model.weights)
+        if self.combination is not None:
+            domain.extra = [m.weights for m in self.combination.extras]
+        return domain
+
+    def drop_domain(self, name: str) -> bool:
+        """Forget a domain and its streams."""
+        if self.domains.pop(name, None) is None:
+            return False
+        for key in [k for k in self.streams if k[0] == name]:
+            del self.streams[key]
+        return True
+
+    def idle_domains(self, seconds: float) -> list[str]:
+        cutoff = time.monotonic() - seconds
+        return [name for name, d in self.domains.items() if d.last_seen < cutoff]
 
     def stream(self, domain: str, name: str) -> Stream:
         key = (domain, name)
@@ -136,10 +165,10 @@ class Learner:
         adapt = self.adaptation.config
         return not adapt.decay_to_base and not adapt.shadow_sample
 
-    def score(self, request: Request) -> ScoreResult:
-        return self.score_run([request])[0]
+    def score(self, request: Request, owner: str | None = None) -> ScoreResult:
+        return self.score_run([request], owner)[0]
 
-    def score_run(self, requests: list[Request]) -> list[ScoreResult]:
+    def score_run(self, requests: list[Request], owner: str | None = None) -> list[ScoreResult]:
         """Score messages of one stream (same domain, stream and `learn`), in order, in one call
         into the online step; one result per message.
 
@@ -153,9 +182,10 @@ class Learner:
             raise ValueError("several messages in one call need decay and shadow sampling off")
         messages = [message_words(r) for r in requests]
         words = [w for m in messages for w in m]
-        domain = self.domain(first.domain)
-        stream = self.stream(first.domain, first.stream)
         learn = first.learn and self.rule.learn
+        transient = not learn and first.domain not in self.domains  # `learn: false` never creates a domain
+        domain = self.base_domain() if transient else self.domain(first.domain, owner)
+        stream = self.stream(first.domain, first.stream)
         rule = self.rule if learn else OnlineRule(learn=False)
         if self.before_learning is not None:  # (the guard may roll weights back even when not learning)
             self.before_learning(first.domain, (first.domain, first.stream))
@@ -179,7 +209,7 @@ class Learner:
             result.rolled_back = adaptation.roll_back(domain.guard, domain.weights, "weights not finite")
         if rnn_logprobs is not None:
             self._adapt_extras(domain, extra_applied, len(words) if learn else 0, result)
-        if adaptation.sample():
+        if not transient and adaptation.sample():
             if stream.shadow is None:
                 stream.shadow = self.model.new_state(FROZEN)
             base, _, _ = self.model.score_words(words, stream.shadow, FROZEN, self.model.weights)
@@ -289,7 +319,7 @@ class Learner:
             "model": model_payload(self.model),
             "domains": {
                 name: {**(self.weights_payload(d, copy) if domain_weights else {}), "updates": d.updates,
-                       "skipped": d.skipped, "tally": _tally_state(d.tally)}
+                       "skipped": d.skipped, "tally": _tally_state(d.tally), **({"owner": d.owner} if d.owner else {})}
                 for name, d in self.domains.items()
             },
             "streams": [
@@ -336,6 +366,10 @@ class Learner:
                 weights = _weights_for(self.model, d["weights"], where)
                 updates, skipped = _count(d["updates"], where), _count(d["skipped"], where)
                 domains[name] = domain = Domain(weights, updates, skipped, _tally_from(d["tally"], where))
+                owner = d.get("owner")
+                if owner is not None and not isinstance(owner, str):
+                    raise CheckpointError(f"{where}: a domain's owner is not a key name")
+                domain.owner = owner
                 if combination is not None:
                     saved = _list_of(d["extra_weights"], len(extras), "extra models' weights", where)
                     domain.extra = [_weights_for(m, w, where) for m, w in zip(extras, saved)]
@@ -346,8 +380,6 @@ class Learner:
                     s = {**s, **{k: rows[k][i] for k in STATE_DTYPES}}
                 _check_name(s["domain"], "domain", where)
                 _check_name(s["stream"], "stream", where)
-                if s["domain"] not in domains:
-                    raise CheckpointError(f"{where}: a stream of domain {s['domain']!r}, which the file does not hold")
                 stream = Stream(self._state_from(self.model, s, where), _tally_from(s["tally"], where))
                 if combination is not None:
                     saved = _list_of(s["extra_states"], len(extras), "extra models' stream states", where)

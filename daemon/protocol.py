@@ -12,8 +12,9 @@ import msgpack
 import zmq
 
 VERSION = 1
-OPS = ("score", "reset", "stats", "save", "ping", "info")
+OPS = ("score", "reset", "stats", "save", "ping", "info", "drop_domain")
 DATA_OPS = ("score",)  # the only op accepted on the fire-and-forget PULL socket
+ADMIN_OPS = ("save", "reset", "drop_domain")  # with --curve-admin-dir, only admin keys may send these
 DEFAULT_DOMAIN = "default"
 MAX_NAME = 128  # stream and domain names, in characters
 
@@ -149,6 +150,8 @@ def parse(message: dict, max_tokens: int) -> Request:
     if op in ("score", "reset"):
         request.stream = _name(message, "stream", None)
         request.domain = _name(message, "domain", DEFAULT_DOMAIN)
+    if op == "drop_domain":
+        request.domain = _name(message, "domain", None)
     if op == "score":
         learn = message.get("learn", True)
         if not isinstance(learn, bool):

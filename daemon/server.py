@@ -43,6 +43,7 @@ RUN_TOKENS = 1024  # most tokens scored in one call for consecutive messages of 
 # sockets are read and pings answered, whatever the backlog (a message or run can overrun it by
 # its own time, bounded by --max-tokens and RUN_TOKENS).
 TURN_SECONDS = 0.25
+NO_DOMAIN = "_none"  # the domain label of `learn: false` scores against a domain that does not exist
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "rnnlm" / "data" / "default.pt"
 
@@ -68,6 +69,9 @@ class ServeConfig:
     max_in_hand: int = 1_000  # messages drained from the sockets before handling
     curve_secret_key: str | None = None  # the daemon's NAME.key_secret: CURVE on both sockets
     curve_authorized_dir: str | None = None  # public keys of the clients let in (ZAP)
+    curve_admin_dir: str | None = None  # public keys allowed the control ops (save, reset, drop_domain)
+    max_domains_per_key: int | None = None  # with CURVE: domains one client key may create
+    domain_idle_seconds: float = 0.0  # drop a domain after this long without a message (0: never)
     decay_to_base: float = 0.0  # adaptation guard (guard.py): all off by default
     shadow_sample: float = 0.0
     guard_margin: float | None = None
@@ -144,7 +148,8 @@ class Server:
             "components": ", ".join(f"{c['name']} ({c['kind']})" for c in components),
             "weights": ",".join(f"{c['weight']:.6g}" for c in components)}.items()})
         self.ctx = zmq.Context()
-        self.curve = (CurveServer(self.ctx, cfg.curve_secret_key, cfg.curve_authorized_dir, self.metrics.handshake_failures)
+        self.curve = (CurveServer(self.ctx, cfg.curve_secret_key, cfg.curve_authorized_dir, self.metrics.handshake_failures,
+                                  cfg.curve_admin_dir)
                       if cfg.curve_secret_key else None)
         self.router = self.bind(zmq.ROUTER, cfg.bind)
         self.pull = self.bind(zmq.PULL, cfg.pull_bind) if cfg.pull_bind else None
@@ -202,7 +207,10 @@ class Server:
             log.error("received SIGHUP: could not reload the client keys, keeping the ones in force: %s", err)
 
     def main_loop(self) -> None:
-        next_sweep = time.monotonic() + 10.0
+        cfg = self.config
+        # idle streams and domains are looked for every 10 s, or more often for shorter idle limits
+        sweep_every = min(10.0, cfg.stream_idle_seconds / 2, (cfg.domain_idle_seconds or 20.0) / 2)
+        next_sweep = time.monotonic() + sweep_every
         while not self.should_exit:
             self.watchdog.ping()
             if self.reload_requested:
@@ -213,7 +221,8 @@ class Server:
             self.maybe_checkpoint()
             if time.monotonic() >= next_sweep:
                 self.metrics.evicted.labels("idle").inc(self.learner.expire_idle())
-                next_sweep = time.monotonic() + 10.0
+                self.expire_domains()
+                next_sweep = time.monotonic() + sweep_every
             self.update_gauges()
 
     def shutdown(self) -> None:
@@ -337,14 +346,22 @@ class Server:
         if message.failure is not None:
             return message.failure
         try:
+            self.check_allowed(message)
+            if message.op == "score":
+                return self.op_score(message.request, message.user), "ok"
             return getattr(self, f"op_{message.op}")(message.request), "ok"
         except Exception as err:
             return self.failure(message, err)
 
+    def check_allowed(self, message: Message) -> None:
+        if message.op in protocol.ADMIN_OPS and self.curve is not None and not self.curve.is_admin(message.user):
+            raise ProtocolError("forbidden", f"'{message.op}' is a control op, allowed only to the keys in "
+                                             "--curve-admin-dir")
+
     def answer_run(self, run: list[Message]) -> None:
         start = time.perf_counter()
         try:
-            results = self.learner.score_run([m.request for m in run])
+            results = self.learner.score_run([m.request for m in run], run[0].user)
             self.metrics.step_calls.inc()
             outcomes = [(self.score_reply(m.request, r), "ok") for m, r in zip(run, results)]
         except Exception as err:  # e.g. too_many_domains: each message would have got the same answer
@@ -371,14 +388,16 @@ class Server:
         if not message.fire_and_forget:
             self.router.send_multipart([*message.envelope, protocol.encode(reply)])
 
-    def op_score(self, request: protocol.Request) -> dict:
-        result = self.learner.score(request)
+    def op_score(self, request: protocol.Request, owner: str | None = None) -> dict:
+        result = self.learner.score(request, owner)
         self.metrics.step_calls.inc()
         return self.score_reply(request, result)
 
     def score_reply(self, request: protocol.Request, result) -> dict:
         """The reply to one scored message, and its metrics."""
-        m, d = self.metrics, request.domain
+        m = self.metrics
+        # a `learn: false` score of a domain that does not exist is not one: one label for them all
+        d = request.domain if request.domain in self.learner.domains else NO_DOMAIN
         n, loss = len(result.words), -float(result.logprobs.sum())
         mixture = {}
         if result.rnn_logprobs is not None:
@@ -426,6 +445,13 @@ class Server:
         self.changed_since_checkpoint |= existed
         return protocol.ok(request.id, existed=existed)
 
+    def op_drop_domain(self, request: protocol.Request) -> dict:
+        existed = self.learner.drop_domain(request.domain)
+        self.changed_since_checkpoint |= existed
+        if existed:
+            log.info("domain %r dropped on request", request.domain)
+        return protocol.ok(request.id, existed=existed)
+
     def op_stats(self, request: protocol.Request) -> dict:
         return protocol.ok(request.id, **self.learner.stats(), seconds_since_checkpoint=time.monotonic() - self.last_checkpoint)
 
@@ -455,6 +481,25 @@ class Server:
             return [{"name": self.config.model or "bundled default", "kind": "rnn", "weight": 1.0}]
         return self.learner.combination.describe()
 
+    def expire_domains(self) -> None:
+        """Drop the domains idle for --domain-idle-seconds, after a checkpoint that holds them (none
+        is dropped while checkpoints fail: their adaptation would be lost for good)."""
+        seconds = self.config.domain_idle_seconds
+        idle = self.learner.idle_domains(seconds) if seconds else []
+        if not idle:
+            return
+        if self.state is not None:
+            try:
+                path = self.write_checkpoint("before expiring idle domains")
+            except CheckpointWriteError:
+                return
+            log.info("expiring %d domain(s) idle for %.0f s: %s (their last state is in %s)",
+                     len(idle), seconds, ", ".join(map(repr, idle)), path)
+        for name in idle:
+            self.learner.drop_domain(name)
+        self.changed_since_checkpoint = True
+        self.metrics.domains_expired.inc(len(idle))
+
     # --- state ---------------------------------------------------------------------------------
 
     def load_learner(self) -> Learner:
@@ -471,7 +516,8 @@ class Server:
 
         def new_learner(model) -> Learner:
             combination = Combination(model, cfg.model or "bundled default", parts) if parts is not None else None
-            return Learner(model, rule, cfg.max_streams, cfg.max_domains, cfg.stream_idle_seconds, adapt, combination)
+            return Learner(model, rule, cfg.max_streams, cfg.max_domains, cfg.stream_idle_seconds, adapt, combination,
+                           cfg.max_domains_per_key)
 
         given = load_model(cfg.model) if cfg.model is not None and self.state is not None and self.state.files() else None
 
