@@ -415,7 +415,7 @@ class Learner:
 
 
 def base_model_of(payload: dict, where: str) -> RNNLM:
-    return model_from_payload(payload.get("model"), where)
+    return model_from_payload(payload.get("model") if isinstance(payload, dict) else None, where)
 
 
 def stacked_states(states: list[StreamState], model: RNNLM, rule: OnlineRule) -> dict:
