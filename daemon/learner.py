@@ -64,6 +64,41 @@ class Stream:
 
 
 @dataclass
+class MemoryBudget:
+    """What the learner's state may take: a fixed part (the process once loaded) plus a cost per
+    domain and per stream, worst cases, from the sizes of their arrays (see `costs`)."""
+
+    limit_mb: float
+    fixed_bytes: int
+    per_domain: int
+    per_stream: int
+
+    def room_for(self, domains: int, streams: int) -> bool:
+        return self.fixed_bytes + domains * self.per_domain + streams * self.per_stream <= self.limit_mb * 2 ** 20
+
+    def describe(self) -> str:
+        return (f"{self.fixed_bytes / 2 ** 20:.0f} MB loaded, {self.per_domain / 2 ** 20:.1f} MB per domain, "
+                f"{self.per_stream / 1024:.1f} KB per stream")
+
+    @staticmethod
+    def costs(learner: "Learner") -> tuple[int, int]:
+        """Bytes per domain and per stream, worst case.
+
+        A domain: its weights (and each extra RNN's), the guard's two snapshots of them when the
+        guard is on, and the checkpoint's copy while one is written. A stream: its state arrays
+        (and each extra RNN's), the checkpoint's copy, and STREAM_OVERHEAD for the Python objects
+        around them (measured: bench/bench_memory.py)."""
+        models = [learner.model, *(learner.combination.extras if learner.combination is not None else [])]
+        weights = sum(a.nbytes for m in models for a in m.weights.arrays().values())
+        guard = 2 if learner.adaptation.config.guard_margin is not None else 0
+        state = sum(getattr(m.new_state(learner.rule), k).nbytes for m in models for k in STATE_DTYPES)
+        return weights * (1 + guard + 1), 2 * state + STREAM_OVERHEAD
+
+
+STREAM_OVERHEAD = 3 * 1024  # bytes of Python objects per stream (dict entries, Stream, StreamState, Tally)
+
+
+@dataclass
 class ScoreResult:
     logprobs: np.ndarray
     kinds: np.ndarray
@@ -96,6 +131,7 @@ class Learner:
         self.max_streams = max_streams
         self.max_domains = max_domains
         self.max_domains_per_key = max_domains_per_key
+        self.budget: MemoryBudget | None = None  # --max-memory-mb: refuses domains, caps streams
         self.stream_idle_seconds = stream_idle_seconds
         self.domains: dict[str, Domain] = {}
         self.streams: OrderedDict[tuple[str, str], Stream] = OrderedDict()  # least recently used first
@@ -109,6 +145,9 @@ class Learner:
         if domain is None:
             if len(self.domains) >= self.max_domains:
                 raise ProtocolError("too_many_domains", f"at most {self.max_domains} domains; '{name}' would be one more")
+            if self.budget is not None and not self.budget.room_for(len(self.domains) + 1, len(self.streams)):
+                raise ProtocolError("memory_budget", f"no room for another domain within --max-memory-mb "
+                                                     f"{self.budget.limit_mb:.0f} ({self.budget.describe()})")
             if owner is not None and self.max_domains_per_key is not None:
                 owned = sum(d.owner == owner for d in self.domains.values())
                 if owned >= self.max_domains_per_key:
@@ -144,8 +183,9 @@ class Learner:
         key = (domain, name)
         stream = self.streams.get(key)
         if stream is None:
-            if len(self.streams) >= self.max_streams:
-                self.streams.popitem(last=False)
+            while self.streams and (len(self.streams) >= self.max_streams or (
+                    self.budget is not None and not self.budget.room_for(len(self.domains), len(self.streams) + 1))):
+                self.streams.popitem(last=False)  # the memory budget caps streams as --max-streams does
                 self.evicted["lru"] += 1
             stream = self.streams[key] = Stream(self.model.new_state(self.rule))
             if self.combination is not None:

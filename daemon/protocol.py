@@ -21,8 +21,9 @@ MAX_NAME = 128  # stream and domain names, in characters
 # The bounds a client can run into, each counted in rnnlm_limits_hit_total{limit=...} (a fixed set,
 # so the label stays bounded): error codes that mean a limit was hit, and the limits the server
 # meets on its own (the LRU stream bound, the in-hand queue).
-LIMIT_OF_CODE = {"message_too_large": "message_bytes", "too_many_tokens": "tokens", "too_many_domains": "domains"}
-LIMITS = ("message_bytes", "tokens", "streams", "domains", "pending")
+LIMIT_OF_CODE = {"message_too_large": "message_bytes", "too_many_tokens": "tokens", "too_many_domains": "domains",
+                 "memory_budget": "memory"}
+LIMITS = ("message_bytes", "tokens", "streams", "domains", "pending", "memory")
 
 
 class ProtocolError(Exception):

@@ -31,7 +31,7 @@ from . import systemd
 from .auth import CurveServer
 from .combination import Combination, Parts, describe_components, same_components, saved_fingerprints
 from .guard import AdaptConfig
-from .learner import Learner, message_words, token_flags
+from .learner import Learner, MemoryBudget, message_words, token_flags
 from .metrics import Metrics
 from .protocol import ProtocolError
 from .state import CheckpointWriteError, StateStore
@@ -72,6 +72,7 @@ class ServeConfig:
     curve_admin_dir: str | None = None  # public keys allowed the control ops (save, reset, drop_domain)
     max_domains_per_key: int | None = None  # with CURVE: domains one client key may create
     domain_idle_seconds: float = 0.0  # drop a domain after this long without a message (0: never)
+    max_memory_mb: float | None = None  # refuse new domains, cap streams, to stay within this
     decay_to_base: float = 0.0  # adaptation guard (guard.py): all off by default
     shadow_sample: float = 0.0
     guard_margin: float | None = None
@@ -137,6 +138,7 @@ class Server:
         return_big_blocks_to_the_system()
         self.learner = self.load_learner()
         self.learner.warm_up()
+        self.set_memory_budget()
         # Everything loaded so far (torch, numba, the model) lives as long as the process: kept out
         # of the collector's full passes, which otherwise walk it all and pause the loop for
         # hundreds of milliseconds whenever enough new objects (a snapshot's) have piled up.
@@ -173,6 +175,23 @@ class Server:
         log.info("ready: %s; metrics %s; model %s (%s)", endpoints["endpoint"], endpoints["metrics"],
                  cfg.model or "bundled default", ", ".join(f"{k} {v}" for k, v in model.describe().items()))
         systemd.notify("READY=1")  # Type=notify: the model is loaded and every socket is bound
+
+    def set_memory_budget(self) -> None:
+        """--max-memory-mb: the process as loaded, plus what the in-hand queue may hold, is fixed;
+        what is left goes to domains and streams at their worst-case costs."""
+        cfg = self.config
+        if cfg.max_memory_mb is None:
+            return
+        per_domain, per_stream = MemoryBudget.costs(self.learner)
+        in_hand = cfg.max_in_hand * cfg.max_message_bytes
+        fixed = rss_bytes() + in_hand - (len(self.learner.domains) * per_domain + len(self.learner.streams) * per_stream)
+        budget = MemoryBudget(cfg.max_memory_mb, fixed, per_domain, per_stream)
+        if not budget.room_for(max(len(self.learner.domains), 1), len(self.learner.streams)):
+            raise ValueError(f"--max-memory-mb {cfg.max_memory_mb:g} leaves no room for a domain: "
+                             f"{budget.describe()}, {in_hand / 2 ** 20:.0f} MB for messages in hand")
+        self.learner.budget = budget
+        log.info("memory budget %g MB: %s, %.0f MB for messages in hand", cfg.max_memory_mb, budget.describe(),
+                 in_hand / 2 ** 20)
 
     def bind(self, kind: int, endpoint: str) -> zmq.Socket:
         socket = self.ctx.socket(kind)
@@ -607,6 +626,11 @@ def default_weights(extra_count: int, ngram: str | None, ngram_weight: float = 0
 def same_model(a, b) -> bool:
     return a.vocab.words == b.vocab.words and all(
         (x == y).all() for x, y in zip(a.weights.arrays().values(), b.weights.arrays().values()))
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
 
 def return_big_blocks_to_the_system() -> None:
