@@ -79,6 +79,6 @@ def test_many_frames_get_one_bad_request_frame_and_rss_stays_near_idle(tmp_path,
               f"peak {rss.peak:.0f} MB (+{rss.peak - idle:.0f} MB), after {after:.0f} MB (+{after - idle:.0f} MB); "
               f"each answered with one {len(replies[0][0])}-byte frame")
         assert after - idle <= 50, (idle, after)
-        assert rss.peak - idle <= one_message + 50, (idle, rss.peak)
+        assert rss.peak - idle <= 2 * one_message + 50, (idle, rss.peak)
         socket.close()
         assert d.stop() == 0
