@@ -223,7 +223,7 @@ def test_a_model_without_direct_connections_is_written_as_before_they_existed(tm
     assert load_model(path).config.direct_size == 0
 
 
-@pytest.mark.parametrize("damage", ["missing", "wrong size", "unexpected", "too small"])
+@pytest.mark.parametrize("damage", ["missing", "wrong size", "unexpected", "too small", "order", "rate", "nan"])
 def test_damaged_direct_weights_are_refused(tmp_path, damage):
     words = "a b c d </s>".split()
     model = RNNLM.create(Config(hidden=4, classes=2, direct=0.001, direct_order=2), Vocabulary.build(words, 1, 2))
@@ -236,9 +236,15 @@ def test_damaged_direct_weights_are_refused(tmp_path, damage):
         payload["weights"]["D"] = torch.zeros(999)
     elif damage == "unexpected":
         payload["config"]["direct"] = 0.0
-    else:
+    elif damage == "too small":
         payload["config"]["direct"] = 0.000004  # 4 weights: the halves cannot hold the classes
         payload["weights"]["D"] = torch.zeros(4)
+    elif damage == "order":
+        payload["config"]["direct_order"] = 0
+    elif damage == "rate":
+        payload["config"]["direct_rate"] = "fast"
+    else:
+        payload["weights"]["D"][7] = float("nan")
     torch.save(payload, path)
     with pytest.raises(CheckpointError, match="direct|D"):
         load_model(path)
