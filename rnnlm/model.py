@@ -185,6 +185,8 @@ class RNNLM:
         w = self.weights if weights is None else weights
         v = self.vocab
         cfg = self.config
+        if w.D.size != cfg.direct_size:  # the step indexes D by hash, unchecked: it must be the size checked at load
+            raise ValueError(f"direct weights hold {w.D.size} values, the model has {cfg.direct_size}")
         ids = np.ascontiguousarray(ids, dtype=np.int32)
         out = np.empty(ids.shape[0], dtype=np.float64)
         learned = kernels.sgd_pass(w.U, w.W, w.V, w.X, w.D, v.class_of, v.class_start, v.class_end,

@@ -251,3 +251,12 @@ def test_an_online_rule_may_set_the_direct_weights_rate_apart_from_the_model():
     default = direct_model()
     default.step(ids, default.new_state(rule), OnlineRule(lr=0.1))
     assert not np.array_equal(default.weights.D, by_rule.weights.D)
+
+
+def test_weights_whose_direct_array_is_not_the_models_are_refused_before_the_step():
+    model = direct_model()
+    ids = np.array([1, 0], dtype=np.int32)
+    for wrong in (np.zeros(0, np.float32), np.zeros(10, np.float32)):
+        weights = Weights(**{n: getattr(model.weights, n) for n in Weights.NAMES}, D=wrong)
+        with pytest.raises(ValueError, match="direct weights hold"):
+            model.step(ids, model.new_state(), OnlineRule(), weights)
