@@ -190,7 +190,8 @@ class Launch:
         if not self.writes_files:  # one progress display for the whole group
             progress = on_epoch = None
         if self.distributed:
-            dist.init_process_group("gloo", rank=self.rank, world_size=self.world_size, timeout=TIMEOUT)
+            dist.init_process_group("gloo", rank=self.rank, world_size=self.world_size, timeout=TIMEOUT,
+                                    store=self.store())
         try:
             return self._train(model, train_words, valid_words, threads, progress, on_epoch, sync_words,
                                merge_rule, checkpoint, checkpoint_words, resume)
@@ -218,6 +219,20 @@ class Launch:
                     inside = f", word {trainer.run.position * threads:,} of each part" if trainer.run else ""
                     say(f"resumed from {checkpoint} at epoch {trainer.schedule.epoch}{inside}")
         return trainer.train()
+
+    def store(self) -> dist.Store | None:
+        """The rendezvous store for the process group; None: torch's own (env://).
+
+        torchrun hands its workers its own TCPStore (TORCHELASTIC_USE_AGENT_STORE), which outlives
+        a restart of the group: without a prefix per attempt, the restarted ranks read the dead
+        ones' addresses and gloo's connect is refused. TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in
+        torchrun's environment avoids the shared store altogether (the Kubernetes job sets it).
+        """
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+            return None
+        agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), self.world_size,
+                              is_master=False, timeout=TIMEOUT)
+        return dist.PrefixStore(f"rnnlm/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", agent)
 
     def read_checkpoint(self, path: str) -> dict | None:
         """Rank 0 reads the checkpoint (None if there is none yet) and hands it to every rank."""

@@ -217,14 +217,14 @@ class Trainer:
         self.epoch_start = self.model.weights.copy()
         self.run = EpochRun(self.model, self.ids, rule, self.threads)
 
-    def pause_step(self) -> int | None:
-        steps = [s for s in (self.pause_every(), self.checkpoint_step()) if s]
-        return min(steps) if steps else None
-
     def checkpoint_step(self) -> int | None:
+        """Words per thread between checkpoints inside an epoch, a whole number of rounds."""
         if self.checkpoint is None or not self.checkpoint_words:
             return None
-        return -(-self.checkpoint_words // self.threads)
+        per_thread = -(-self.checkpoint_words // self.threads)
+        if self.threads == 1:
+            return per_thread
+        return -(-per_thread // SYNC_WORDS) * SYNC_WORDS  # pausing mid-round would move the threads' merges
 
     def run_epoch(self) -> Tally:
         run, epoch = self.run, self.schedule.epoch
@@ -233,18 +233,18 @@ class Trainer:
             if self.progress:
                 self.progress(epoch, done, len(self.ids), tally)
 
-        step = self.pause_step()
+        step = self.pause_every() or self.checkpoint_step()
         if step is None:
             run.advance(run.length, report)
         else:
-            since_checkpoint = 0
-            for _ in range(self.rounds_needed(run, step)):
+            # Checkpoints come at pauses, so taking them changes nothing in what is learned.
+            every = -(-self.checkpoint_step() // step) if self.checkpoint_step() else 0
+            rounds = self.rounds_needed(run, step)
+            for done in range(1, rounds + 1):
                 run.advance(run.position + step, report)
                 self.between_rounds(run)
-                since_checkpoint += step
-                if self.checkpoint_step() and since_checkpoint >= self.checkpoint_step() and not run.finished:
+                if every and done % every == 0 and done < rounds:
                     self.checkpoint(self)
-                    since_checkpoint = 0
         report(run.tally.words, run.tally)
         return self.epoch_tally(run.tally)
 
