@@ -231,3 +231,120 @@ def test_one_process_killed_mid_run_resumes_to_the_same_model(tmp_path, corpus, 
     a, b = load_model(out), load_model(one_process_model)
     for name in Weights.NAMES:
         assert np.array_equal(getattr(a.weights, name), getattr(b.weights, name)), name
+
+
+# --- two hosts: two network namespaces joined by a veth pair -----------------------------------------
+
+def sh(*args) -> str:
+    return subprocess.run(list(map(str, args)), capture_output=True, text=True, check=True, timeout=30).stdout
+
+
+@pytest.fixture
+def two_hosts():
+    """Namespaces A (10.213.0.1) and B (10.213.0.2), one veth pair between them; removed afterwards."""
+    if os.geteuid() != 0 or not Path("/usr/sbin/ip").exists() and not Path("/sbin/ip").exists():
+        pytest.skip("needs root and iproute2 (CI has both)")
+    tag = f"r{os.getpid() % 100000}"
+    hosts = [(f"{tag}a", f"{tag}va", "10.213.0.1"), (f"{tag}b", f"{tag}vb", "10.213.0.2")]
+    try:
+        for ns, _, _ in hosts:
+            sh("ip", "netns", "add", ns)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        (ns_a, veth_a, _), (ns_b, veth_b, _) = hosts
+        sh("ip", "link", "add", veth_a, "netns", ns_a, "type", "veth", "peer", "name", veth_b, "netns", ns_b)
+        for ns, veth, addr in hosts:
+            sh("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", veth)
+            sh("ip", "-n", ns, "link", "set", veth, "up")
+        yield hosts
+    finally:
+        for ns, _, _ in hosts:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)  # takes its end of the veth pair along
+
+
+def veth_bytes(ns: str, veth: str) -> int:
+    stats = [f"/sys/class/net/{veth}/statistics/{d}_bytes" for d in ("tx", "rx")]
+    return sum(int(v) for v in sh("ip", "netns", "exec", ns, "cat", *stats).split())
+
+
+def test_two_hosts_train_together_through_a_network_interface(tmp_path, corpus, two_hosts):
+    """Each 'host' is a network namespace with only lo and its end of the veth pair, so everything
+    the two ranks exchange (rendezvous, all_reduce) has to cross the veth pair."""
+    (ns_a, _, addr_a), _ = two_hosts
+    before = {ns: veth_bytes(ns, veth) for ns, veth, _ in two_hosts}
+    out = tmp_path / "m.pt"
+    nodes = []
+    for ns, veth, addr in two_hosts:
+        # torchrun cannot tell that 10.213.0.1 is A's own address: say which host keeps the rendezvous
+        cmd = ["ip", "netns", "exec", ns, str(BIN / "torchrun"), "--nnodes", "2", "--nproc-per-node", "1",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{addr_a}:29411", "--rdzv-id", "netns-test",
+               "--rdzv-conf", f"is_host={str(ns == ns_a).lower()}", "--local-addr", addr, "-m", "rnnlm", *map(str, train_args(corpus, out))]
+        env = {**os.environ, "GLOO_SOCKET_IFNAME": veth}
+        nodes.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env))
+    try:
+        results = [n.communicate(timeout=240) for n in nodes]
+    finally:
+        for n in nodes:
+            if n.poll() is None:
+                n.kill()
+    for n, (_, err) in zip(nodes, results):
+        assert n.returncode == 0, err[-5000:]
+    model = load_model(out)
+    weights_bytes = sum(a.nbytes for a in model.weights.arrays().values())
+    words_per_rank = len(read_tokens(corpus["train"])) / 2
+    merges_per_epoch = int(words_per_rank // 500)
+    epochs = 4
+    for ns, veth, _ in two_hosts:
+        crossed = veth_bytes(ns, veth) - before[ns]
+        # every merge sends and receives about the whole model once (gloo's ring over two ranks)
+        assert crossed > merges_per_epoch * epochs * weights_bytes, (ns, crossed, weights_bytes)
+
+
+# --- the Kubernetes job ------------------------------------------------------------------------------
+
+TRAINING_JOB = ROOT / "deploy" / "k8s" / "training" / "job.yaml"
+
+
+def training_objects() -> dict[str, dict]:
+    import yaml
+    return {d["kind"]: d for d in yaml.safe_load_all(TRAINING_JOB.read_text()) if d}
+
+
+def test_kubernetes_validate_accepts_the_training_job():
+    """Offline, against the OpenAPI schemas bundled in kubernetes-validate; strict: unknown fields fail."""
+    from tests.test_deploy import tool
+    result = subprocess.run([tool("kubernetes-validate"), "--strict", "--no-warn", str(TRAINING_JOB)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.count("passed") == 3, result.stdout + result.stderr
+
+
+def test_the_training_job_runs_a_command_torchrun_and_rnnlm_train_accept():
+    import shlex
+
+    from torch.distributed.run import get_args_parser
+
+    from rnnlm.cli import train as train_command
+    objects = training_objects()
+    job, service, pvc = objects["Job"], objects["Service"], objects["PersistentVolumeClaim"]
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    nodes = int(env["NODES"])
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"] == nodes
+    # the rendezvous endpoint is pod 0 by its DNS name under the headless Service
+    assert pod["subdomain"] == service["metadata"]["name"] and service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"].items() <= spec["template"]["metadata"]["labels"].items()
+    shell = container["args"][0].replace('"$NODES"', str(nodes))
+    shell = shell.replace('"is_host=$([ "$JOB_COMPLETION_INDEX" = 0 ] && echo true || echo false)"', "is_host=true")
+    words = shlex.split(shell)
+    assert words[:2] == ["exec", "torchrun"]
+    launcher = get_args_parser().parse_args(words[2:])
+    assert launcher.nnodes == str(nodes) and launcher.rdzv_backend == "c10d" and launcher.module
+    assert launcher.rdzv_endpoint == f"{job['metadata']['name']}-0.{service['metadata']['name']}:29400"
+    assert launcher.training_script == "rnnlm" and launcher.training_script_args[0] == "train"
+    ctx = train_command.make_context("train", list(launcher.training_script_args[1:]))
+    assert ctx.params["resume"] and ctx.params["checkpoint"]  # a restarted pod goes on from the checkpoint
+    mount = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}["training"]
+    for option in ("train_file", "valid_file", "out", "checkpoint"):
+        assert ctx.params[option].startswith(mount + "/"), option
+    claim = {v["name"]: v for v in pod["volumes"]}["training"]["persistentVolumeClaim"]["claimName"]
+    assert claim == pvc["metadata"]["name"] and pvc["spec"]["accessModes"] == ["ReadWriteMany"]
