@@ -31,25 +31,51 @@ def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
-def run_measured(cmd: list[str], env: dict | None = None) -> tuple[str, float, int]:
-    """stdout, wall seconds, and the peak RSS (kB) of the largest process of the command's tree."""
+def run_measured(cmd: list[str], env: dict | None = None) -> tuple[str, float, dict[str, int]]:
+    """stdout, wall seconds, and the peak RSS (kB, VmHWM) of each rank (or of the one process)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    out, err = proc.communicate()
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{err[-3000:]}")
-    return out, seconds, peak_rss_kb()
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+        peaks: dict[str, int] = {}
+        import threading
+        reader = threading.Thread(target=lambda: peaks.setdefault("_out", proc.stdout.read()))
+        reader.start()
+        while proc.poll() is None:
+            for rank, kb in rank_peaks(proc.pid).items():
+                peaks[rank] = max(peaks.get(rank, 0), kb)
+            time.sleep(0.5)
+        reader.join()
+        seconds = time.perf_counter() - start
+        if proc.returncode != 0:
+            err.seek(0)
+            sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{err.read()[-3000:]}")
+    out = peaks.pop("_out")
+    return out, seconds, peaks
 
 
-def peak_rss_kb() -> int:
-    import resource
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+def rank_peaks(root: int) -> dict[str, int]:
+    """VmHWM of `root` and its descendants that are ranks (RANK in their environment; root: "alone")."""
+    found = {}
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            continue
+        todo += map(int, children)
+        rank = next((e[5:].decode() for e in env if e.startswith(b"RANK=")), "alone" if pid == root else None)
+        hwm = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), 0)
+        if rank is not None:
+            found[rank] = hwm
+    return found
 
 
 def train_command(ranks: int, corpus: str, out: Path, threads: int, extra: list[str]) -> list[str]:
     data = DATA / corpus
-    prefix = "ptb." if corpus == "ptb" else "wiki."
+    prefix = "ptb." if corpus == "ptb" else ""
     args = ["train", "--train", str(data / f"{prefix}train.txt"), "--valid", str(data / f"{prefix}valid.txt"),
             "--out", str(out), "--threads", str(threads), "--json", *extra]
     if ranks == 1:
@@ -58,7 +84,7 @@ def train_command(ranks: int, corpus: str, out: Path, threads: int, extra: list[
 
 
 def evaluate(model: Path, corpus: str, dynamic: float | None) -> float:
-    prefix = "ptb." if corpus == "ptb" else "wiki."
+    prefix = "ptb." if corpus == "ptb" else ""
     cmd = [str(BIN / "python"), "-m", "rnnlm", "eval", "--model", str(model), "--test",
            str(DATA / corpus / f"{prefix}test.txt"), "--json"]
     if dynamic:
@@ -102,9 +128,70 @@ def quality(args) -> None:
     print(f"{args.corpus} {args.ranks} rank(s) × {args.threads} thread(s), merge {args.merge} every {args.sync_words} "
           f"words/rank, lr {args.lr or 0.1}, seed {args.seed}: test {static:.1f} static / {dynamic:.1f} dynamic; "
           f"{summary['epochs']} epochs in {seconds / 60:.2f} min wall ({summary['words_per_sec']:,.0f} words/s); "
-          f"peak RSS of the largest process {rss / 1024:.0f} MB")
+          f"peak RSS per rank: {', '.join(f'{r} {kb / 1024:.0f} MB' for r, kb in sorted(rss.items()))}")
     print(f"  valid per epoch: {valid}")
     print(f"  before: {before}\n  after:  {after}")
+
+
+PTB_FLOATS = 2 * 10_000 * 200 + 200 * 200 + 100 * 200  # U, V, W, X of the PTB model (H=200, 100 classes)
+SIZES = (1 << 20, PTB_FLOATS, 1 << 24, 1 << 26)
+
+
+def allreduce_rank(args) -> None:
+    """One rank: time all_reduce of float32 buffers of each size (median of --repeat)."""
+    import torch
+    import torch.distributed as dist
+    dist.init_process_group("gloo")
+    for floats in SIZES:
+        buffer = torch.ones(floats, dtype=torch.float32)
+        times = []
+        for i in range(args.repeat + 2):
+            dist.barrier()
+            start = time.perf_counter()
+            dist.all_reduce(buffer)
+            if i >= 2:  # the first two connect and warm up
+                times.append(time.perf_counter() - start)
+        median = sorted(times)[len(times) // 2]
+        if dist.get_rank() == 0:
+            print(f"  {floats:>11,} floats ({floats * 4 / 1e6:7.1f} MB): {median * 1e3:8.2f} ms median of {len(times)}, "
+                  f"{floats * 4 / median / 1e9:5.2f} GB/s", flush=True)
+    dist.destroy_process_group()
+
+
+def sh(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, capture_output=True)
+
+
+def allreduce(args) -> None:
+    """all_reduce between 2 ranks: on loopback, then between two network namespaces over a veth pair."""
+    me = [str(Path(__file__).resolve()), "allreduce-rank", "--repeat", str(args.repeat)]
+    print(f"# all_reduce, 2 ranks, gloo; PTB model = {PTB_FLOATS:,} floats | before: {uptime()}")
+    print("loopback (torchrun --standalone):")
+    out = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", *me],
+                         capture_output=True, text=True, check=True).stdout
+    print(out, end="")
+    hosts = [("rnnlmbencha", "rnnlmva", "10.214.0.1"), ("rnnlmbenchb", "rnnlmvb", "10.214.0.2")]
+    try:
+        for ns, _, _ in hosts:
+            sh("ip", "netns", "add", ns)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "link", "add", hosts[0][1], "netns", hosts[0][0], "type", "veth", "peer", "name", hosts[1][1],
+           "netns", hosts[1][0])
+        for ns, veth, addr in hosts:
+            sh("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", veth)
+            sh("ip", "-n", ns, "link", "set", veth, "up")
+        print("veth pair between two network namespaces (torchrun --nnodes 2, c10d rendezvous):")
+        procs = [subprocess.Popen(["ip", "netns", "exec", ns, str(BIN / "torchrun"), "--nnodes", "2", "--nproc-per-node",
+                                   "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{hosts[0][2]}:29412",
+                                   "--rdzv-id", "bench", "--rdzv-conf", f"is_host={str(i == 0).lower()}",
+                                   "--local-addr", addr, *me], stdout=subprocess.PIPE, text=True,
+                                  env={**os.environ, "GLOO_SOCKET_IFNAME": veth})
+                 for i, (ns, veth, addr) in enumerate(hosts)]
+        print("".join(p.communicate()[0] for p in procs), end="")
+    finally:
+        for ns, _, _ in hosts:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    print(f"| after: {uptime()}")
 
 
 def main() -> None:
@@ -125,6 +212,12 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--max-epochs", type=int, default=None)
     p.set_defaults(func=quality)
+    p = sub.add_parser("allreduce")
+    p.add_argument("--repeat", type=int, default=9)
+    p.set_defaults(func=allreduce)
+    p = sub.add_parser("allreduce-rank")
+    p.add_argument("--repeat", type=int, default=9)
+    p.set_defaults(func=allreduce_rank)
     args = parser.parse_args()
     args.func(args)
 

@@ -1,6 +1,6 @@
 """One rank of a test run under torchrun (tests/test_distributed.py); writes what it holds to OUT/rank<R>.npz.
 
-    torchrun --standalone --nproc-per-node 2 tests/distributed_worker.py merge OUT RULE
+    torchrun --standalone --nproc-per-node 2 tests/distributed_worker.py merge OUT
     torchrun --standalone --nproc-per-node 2 tests/distributed_worker.py train OUT TRAIN VALID SYNC_WORDS
 """
 
@@ -12,15 +12,21 @@ import numpy as np
 import torch.distributed as dist
 
 from rnnlm.corpus import read_tokens
-from rnnlm.distributed import Launch, WeightMerger, all_reduce_sum
+from rnnlm.distributed import MERGE_RULES, Launch, WeightMerger, all_reduce_sum
 from rnnlm.model import RNNLM, Config, Weights
 from rnnlm.vocab import Vocabulary
 
 
-def merge(out: Path, rule: str) -> None:
-    """One merge of weights that differ by rank, through the real all_reduce."""
-    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+def merge(out: Path) -> None:
+    """One merge by each rule of weights that differ by rank, through the real all_reduce."""
     dist.init_process_group("gloo")
+    for rule in MERGE_RULES:
+        merge_once(out, rule)
+    dist.destroy_process_group()
+
+
+def merge_once(out: Path, rule: str) -> None:
+    rank, size = dist.get_rank(), dist.get_world_size()
     base = Weights.random(30, 6, 4, 0.1, seed=0)
     weights = base.copy()
     merger = WeightMerger(weights, size, rule)
@@ -29,9 +35,8 @@ def merge(out: Path, rule: str) -> None:
         getattr(weights, name)[rank::3] += getattr(noise, name)[rank::3]  # each rank moves some rows
     before = weights.copy()
     merger.merge(weights, all_reduce_sum)
-    np.savez(out / f"rank{rank}.npz", **{f"before_{n}": a for n, a in before.arrays().items()},
+    np.savez(out / f"{rule}-rank{rank}.npz", **{f"before_{n}": a for n, a in before.arrays().items()},
              **{f"base_{n}": a for n, a in base.arrays().items()}, **weights.arrays())
-    dist.destroy_process_group()
 
 
 def train(out: Path, train_file: str, valid_file: str, sync_words: str) -> None:

@@ -18,6 +18,7 @@ from rnnlm.corpus import read_tokens
 from rnnlm.distributed import WeightMerger, sentence_bounds, sentence_parts
 from rnnlm.evaluate import evaluate
 from rnnlm.model import Weights
+from rnnlm.resume import load_training
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -133,10 +134,16 @@ def test_merging_keeps_every_ranks_sparse_updates_and_averages_the_dense_ones(ru
     np.testing.assert_allclose(got, moved if rule == "sparse-sum" else moved / 3, rtol=1e-5, atol=1e-7)
 
 
+@pytest.fixture(scope="module")
+def merged_through_gloo(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("merge")
+    run(torchrun(WORKER, "merge", out))
+    return out
+
+
 @pytest.mark.parametrize("rule", ["sparse-sum", "mean"])
-def test_a_merge_through_gloo_gives_every_rank_the_same_bits_and_the_expected_values(tmp_path, rule):
-    run(torchrun(WORKER, "merge", tmp_path, rule))
-    ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(2)]
+def test_a_merge_through_gloo_gives_every_rank_the_same_bits_and_the_expected_values(merged_through_gloo, rule):
+    ranks = [np.load(merged_through_gloo / f"{rule}-rank{r}.npz") for r in range(2)]
     before = [Weights(*(r[f"before_{n}"] for n in Weights.NAMES)) for r in ranks]
     base = Weights(*(ranks[0][f"base_{n}"] for n in Weights.NAMES))
     want = expected_merge(rule, before, base)
@@ -155,18 +162,29 @@ def test_two_ranks_end_with_bit_identical_weights(tmp_path, corpus):
     assert ranks[0]["valid_loss"] == ranks[1]["valid_loss"]  # summed validation: the same decision on both
 
 
+CHECKPOINTED = ("--checkpoint-words", "1000", "--resume")
+
+
 @pytest.fixture(scope="module")
 def one_process_model(tmp_path_factory, corpus) -> Path:
-    out = tmp_path_factory.mktemp("one") / "m.pt"
-    run([str(BIN / "rnnlm"), *train_args(corpus, out)])
-    return out
+    tmp = tmp_path_factory.mktemp("one")
+    run([str(BIN / "rnnlm"), *train_args(corpus, tmp / "m.pt", "--checkpoint", tmp / "ckpt", *CHECKPOINTED)])
+    return tmp / "m.pt"
 
 
-def test_two_ranks_under_torchrun_learn_as_well_as_one_process(tmp_path, corpus, one_process_model):
+@pytest.fixture(scope="module")
+def two_rank_model(tmp_path_factory, corpus) -> tuple[Path, str]:
+    """`rnnlm train` under torchrun, checkpointing as it goes; the model file and stdout."""
+    tmp = tmp_path_factory.mktemp("two")
+    result = run([*torchrun("-m", "rnnlm"), *train_args(corpus, tmp / "m.pt", "--json", "--checkpoint", tmp / "ckpt",
+                                                         *CHECKPOINTED)])
+    return tmp / "m.pt", result.stdout
+
+
+def test_two_ranks_under_torchrun_learn_as_well_as_one_process(corpus, one_process_model, two_rank_model):
     """Tolerance: test perplexity of the two-rank model within 3 % of one process's on the same text."""
-    out = tmp_path / "m.pt"
-    result = run([*torchrun("-m", "rnnlm"), *train_args(corpus, out, "--json")])
-    assert '"epochs"' in result.stdout and result.stdout.count('"epochs"') == 1  # rank 0 alone reports
+    out, stdout = two_rank_model
+    assert stdout.count('"epochs"') == 1  # rank 0 alone reports
     test = read_tokens(corpus["test"])
     two, one = load_model(out), load_model(one_process_model)
     ppl_two, ppl_one = evaluate(two, test).perplexity, evaluate(one, test).perplexity
@@ -204,12 +222,8 @@ def kill_when_checkpointed(cmd: list[str], checkpoint: Path, victim) -> subproce
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-CHECKPOINTED = ("--checkpoint-words", "1000", "--resume")
-
-
-def test_a_group_with_a_killed_rank_comes_back_and_ends_as_if_nothing_happened(tmp_path, corpus):
-    reference = tmp_path / "reference.pt"
-    run([*torchrun("-m", "rnnlm"), *train_args(corpus, reference, "--checkpoint", tmp_path / "ref.ckpt", *CHECKPOINTED)])
+def test_a_group_with_a_killed_rank_comes_back_and_ends_as_if_nothing_happened(tmp_path, corpus, two_rank_model):
+    reference = two_rank_model[0]
     out, checkpoint = tmp_path / "m.pt", tmp_path / "train.ckpt"
     cmd = [*torchrun("-m", "rnnlm", extra=("--max-restarts", "1")),
            *train_args(corpus, out, "--checkpoint", checkpoint, *CHECKPOINTED)]
@@ -226,6 +240,7 @@ def test_one_process_killed_mid_run_resumes_to_the_same_model(tmp_path, corpus, 
     cmd = [str(BIN / "rnnlm"), *train_args(corpus, out, "--checkpoint", checkpoint, *CHECKPOINTED)]
     killed = kill_when_checkpointed(cmd, checkpoint, lambda pid: pid)
     assert killed.returncode == -signal.SIGKILL and not out.exists()
+    assert load_training(checkpoint)["runs"] is not None, "the kill should come inside an epoch"
     result = run(cmd)
     assert "resumed from" in result.stderr
     a, b = load_model(out), load_model(one_process_model)
