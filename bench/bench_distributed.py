@@ -194,6 +194,53 @@ def allreduce(args) -> None:
     print(f"| after: {uptime()}")
 
 
+def rank_speed(args) -> None:
+    """One rank's training words/s (1 thread) for a vocabulary of the given size: Zipf-distributed counts
+    and text (exponent 1), frequency classes, H=200, BPTT 4 in blocks of 10. For the One Billion Word
+    projection (V=793,471; ~√V classes), where the real corpus cannot be trained here."""
+    import numpy as np
+
+    from rnnlm.model import RNNLM, Config, OnlineRule
+    from rnnlm.vocab import RARE, Vocabulary
+    rng = np.random.default_rng(0)
+    counts = (1e9 / np.arange(1, args.vocab + 1)).astype(np.int64) + 1
+    words = ["</s>", RARE] + [f"w{i}" for i in range(args.vocab - 2)]
+    vocab = Vocabulary(words, counts.tolist(), frozenset(), args.classes)
+    model = RNNLM.create(Config(hidden=200, classes=args.classes), vocab)
+    p = counts / counts.sum()
+    ids = rng.choice(args.vocab, size=args.words, p=p).astype(np.int32)
+    rule = OnlineRule(lr=0.1, l2=1e-7, bptt=4, block=10)
+    state = model.new_state(rule)
+    model.step(ids[:1000], state, rule)  # compile / warm up
+    before = uptime()
+    start = time.perf_counter()
+    model.step(ids[1000:], state, rule)
+    seconds = time.perf_counter() - start
+    print(f"V={args.vocab:,}, {vocab.num_classes} classes, H=200: {(args.words - 1000) / seconds:,.0f} words/s "
+          f"(one thread, {args.words - 1000:,} words of Zipf text) | before: {before} | after: {uptime()}")
+
+
+def project(args) -> None:
+    """PROJECTED epoch time on One Billion Word from measured inputs: a rank's words/s at that
+    vocabulary (rankspeed) and all_reduce bandwidth (allreduce). A merge moves the whole model; gloo's
+    ring all_reduce over N ranks sends 2(N-1)/N of it per rank, which is 1 at N=2 (what was measured)."""
+    floats = 2 * args.vocab * 200 + 200 * 200 + args.classes * 200
+    gbytes = floats * 4 / 1e9
+    print(f"# PROJECTED, not measured: One Billion Word, {args.words:,} training words, V={args.vocab:,}, "
+          f"{args.classes} classes, H=200 ({gbytes:.2f} GB of weights); {args.rank_wps:,.0f} words/s per rank "
+          f"(measured, one thread); all_reduce at {args.gbps} GB/s (measured between two ranks)")
+    print("| ranks | sync every (words/rank) | compute h | merges | merge s each | communication h | epoch h |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for sync_words in args.sync_words:
+        for ranks in (1, 8, 32, 128):
+            per_rank = args.words / ranks
+            compute = per_rank / args.rank_wps / 3600
+            merges = 0 if ranks == 1 else int(per_rank // sync_words)
+            each = 0.0 if ranks == 1 else gbytes / args.gbps * 2 * (ranks - 1) / ranks
+            comm = merges * each / 3600
+            print(f"| {ranks} | {sync_words:,} | {compute:.1f} | {merges:,} | {each:.2f} | {comm:.1f} | {compute + comm:.1f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -218,6 +265,19 @@ def main() -> None:
     p = sub.add_parser("allreduce-rank")
     p.add_argument("--repeat", type=int, default=9)
     p.set_defaults(func=allreduce_rank)
+    p = sub.add_parser("rankspeed")
+    p.add_argument("--vocab", type=int, default=793_471)
+    p.add_argument("--classes", type=int, default=891)
+    p.add_argument("--words", type=int, default=101_000)
+    p.set_defaults(func=rank_speed)
+    p = sub.add_parser("project")
+    p.add_argument("--words", type=int, default=768_648_884)
+    p.add_argument("--vocab", type=int, default=793_471)
+    p.add_argument("--classes", type=int, default=891)
+    p.add_argument("--rank-wps", type=float, required=True)
+    p.add_argument("--gbps", type=float, required=True)
+    p.add_argument("--sync-words", type=int, nargs="+", default=[16384, 262144])
+    p.set_defaults(func=project)
     args = parser.parse_args()
     args.func(args)
 
