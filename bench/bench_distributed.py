@@ -94,18 +94,26 @@ def evaluate(model: Path, corpus: str, dynamic: float | None) -> float:
 
 
 def speed(args) -> None:
-    """Training words/s of the first epoch, 1 process × 1 thread then R ranks × 1 thread, in one run."""
-    print(f"# speed, {args.corpus}, first epoch, H=200, 100 classes, BPTT 4; sync every {args.sync_words} words/rank")
+    """Training words/s of the first epoch(s), 1 process × 1 thread then R ranks × 1 thread, in one run;
+    with --evaluate, test perplexity of each model after those epochs (static / dynamic 0.01)."""
+    print(f"# speed, {args.corpus}, {args.epochs} epoch(s), H=200, 100 classes, BPTT 4; sync every "
+          f"{args.sync_words} words/rank")
     rates = {}
     with tempfile.TemporaryDirectory() as tmp:
         for ranks in (1, *args.ranks):
             before = uptime()
-            out, seconds, _ = run_measured(train_command(ranks, args.corpus, Path(tmp) / "m.pt", 1,
-                                           ["--max-epochs", "1", "--sync-words", str(args.sync_words)]))
+            model = Path(tmp) / "m.pt"
+            out, seconds, _ = run_measured(train_command(ranks, args.corpus, model, 1,
+                                           ["--max-epochs", str(args.epochs), "--sync-words", str(args.sync_words)]))
             summary = json.loads(out)
-            rates[ranks] = summary["history"][0]["train_words_per_sec"]
+            epochs = summary["history"]  # training words/s, validation left out; every epoch has the same words
+            rates[ranks] = len(epochs) / sum(1 / e["train_words_per_sec"] for e in epochs)
+            quality = ""
+            if args.evaluate:
+                quality = (f"; test {evaluate(model, args.corpus, None):.1f} static / "
+                           f"{evaluate(model, args.corpus, 0.01):.1f} dynamic")
             print(f"{ranks} × 1 thread: {rates[ranks]:9,.0f} words/s ({rates[ranks] / rates[1]:.2f}× one process); "
-                  f"wall {seconds:.1f} s | before: {before}")
+                  f"wall {seconds:.1f} s{quality} | before: {before}", flush=True)
     print(f"| after: {uptime()}")
 
 
@@ -248,6 +256,8 @@ def main() -> None:
     p.add_argument("--corpus", default="ptb")
     p.add_argument("--ranks", type=int, nargs="+", default=[2])
     p.add_argument("--sync-words", type=int, default=16384)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--evaluate", action="store_true")
     p.set_defaults(func=speed)
     p = sub.add_parser("quality")
     p.add_argument("--corpus", default="ptb")

@@ -30,7 +30,7 @@ from .corpus import EOS
 from .evaluate import Tally, evaluate
 from .model import RNNLM, Weights
 from .resume import load_training, restore, run_to_state, save_training, text_digest, training_payload
-from .train import DENSE, EpochReport, EpochRun, TrainReport, Trainer
+from .train import EpochReport, EpochRun, TrainReport, Trainer
 
 SPARSE = ("U", "V")  # one row per word: each rank touches few rows between merges
 MERGE_RULES = ("sparse-sum", "mean")

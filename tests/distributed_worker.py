@@ -4,7 +4,6 @@
     torchrun --standalone --nproc-per-node 2 tests/distributed_worker.py train OUT TRAIN VALID SYNC_WORDS
 """
 
-import os
 import sys
 from pathlib import Path
 
