@@ -81,6 +81,11 @@ def training_payload(trainer: Trainer, text: str, world_size: int, runs: list[di
     }
 
 
+def same_options(saved: dict, given: dict) -> bool:
+    """A run may be resumed with another --max-epochs; every other option must be the same."""
+    return {k: v for k, v in saved.items() if k != "max_epochs"} == {k: v for k, v in given.items() if k != "max_epochs"}
+
+
 def save_training(path: str | Path, payload: dict) -> None:
     write_atomic(path, payload)
 
@@ -92,7 +97,7 @@ def load_training(path: str | Path) -> dict:
 def restore(trainer: Trainer, payload: dict, text: str, world_size: int, rank: int, where: str) -> None:
     """Put `trainer` where the checkpoint left off (this process's part of it)."""
     model = trainer.model
-    if payload["config"] != model.config.to_state() or payload["vocab"] != model.vocab.to_state():
+    if not same_options(payload["config"], model.config.to_state()) or payload["vocab"] != model.vocab.to_state():
         raise CheckpointError(f"{where}: taken with other model options (hidden size, classes, rates...) "
                               "or another vocabulary than this command's")
     if payload["text"] != text:

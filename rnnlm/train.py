@@ -150,7 +150,7 @@ class Schedule:
     lr: float
     halving: bool = False
     best: Tally | None = None  # validation tally of the weights we keep
-    finished: bool = False
+    finished: bool = False  # stopped by the schedule (--max-epochs is the Trainer's to check)
 
     def after_validation(self, valid: Tally, kept: bool, min_improvement: float) -> None:
         # Log-likelihood must improve by the factor min_improvement, else halve (or, once halving, stop).
@@ -259,13 +259,11 @@ class Trainer:
         if self.on_epoch:
             self.on_epoch(entry)
         self.schedule.after_validation(valid, kept, self.model.config.min_improvement)
-        if self.schedule.epoch > self.model.config.max_epochs:
-            self.schedule.finished = True
         self.run = None
 
     def train(self) -> TrainReport:
         start = time.perf_counter() - self.report.seconds
-        while not self.schedule.finished:
+        while not self.schedule.finished and self.schedule.epoch <= self.model.config.max_epochs:
             if self.run is None:
                 self.start_epoch()
             tally = self.run_epoch()
