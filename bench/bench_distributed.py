@@ -163,6 +163,21 @@ def allreduce_rank(args) -> None:
         if dist.get_rank() == 0:
             print(f"  {floats:>11,} floats ({floats * 4 / 1e6:7.1f} MB): {median * 1e3:8.2f} ms median of {len(times)}, "
                   f"{floats * 4 / median / 1e9:5.2f} GB/s", flush=True)
+    # a whole merge at PTB size: pack the deltas and means, all_reduce, unpack (rnnlm.distributed.WeightMerger)
+    from rnnlm.distributed import WeightMerger, all_reduce_sum
+    from rnnlm.model import Weights
+    weights = Weights.random(10_000, 200, 100, 0.1, seed=0)
+    merger = WeightMerger(weights, dist.get_world_size())
+    times = []
+    for i in range(args.repeat + 2):
+        dist.barrier()
+        start = time.perf_counter()
+        merger.merge(weights, all_reduce_sum)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    if dist.get_rank() == 0:
+        print(f"  a whole merge of the PTB model (pack, all_reduce, unpack): {sorted(times)[len(times) // 2] * 1e3:.2f} ms "
+              f"median of {len(times)}", flush=True)
     dist.destroy_process_group()
 
 
