@@ -4,7 +4,7 @@
         reply = c.score("the cat sat on the mat", stream="doc-1")
         reply["logprobs"], reply["stream_perplexity"]
 
-It speaks PROTOCOL.md over a DEALER socket; each request carries an `id` and replies are matched
+It speaks docs/protocol.md over a DEALER socket; each request carries an `id` and replies are matched
 to requests by it.
 
 For a daemon running CURVE (`rnnlm serve --curve-secret-key ... --curve-authorized-dir ...`), give
@@ -69,7 +69,7 @@ class Client:
         rid = self.send(op, **fields)
         reply = self.receive()
         if reply.get("id") is None and not reply.get("ok"):
-            reply["id"] = rid  # an error for a request the daemon could not read (PROTOCOL.md, Replies)
+            reply["id"] = rid  # an error for a request the daemon could not read (docs/protocol.md, Replies)
         if reply.get("id") != rid:
             raise RuntimeError(f"reply for request {reply.get('id')!r} arrived while waiting for {rid}")
         return self.checked(reply) if check else reply

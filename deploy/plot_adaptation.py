@@ -25,12 +25,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, too
 
+from rnnlm.bundled import DEFAULT_MODEL  # noqa: E402
 from rnnlm.checkpoint import load_model  # noqa: E402
 from rnnlm.corpus import read_lines, tokenize_line  # noqa: E402
 from rnnlm.evaluate import evaluate  # noqa: E402
 from rnnlm.model import OnlineRule  # noqa: E402
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "rnnlm" / "data" / "default.pt"
 
 
 def prose_lines(lines: list[str]) -> list[str]:

@@ -1,5 +1,5 @@
-"""`python -m rnnlm ...`, which is how torchrun starts each rank: `torchrun ... -m rnnlm train ...`."""
+"""`python -m rnnlm …` is the `rnnlm` command (torchrun and other launchers start modules this way)."""
 
-from .cli import main
+from rnnlm.cli import main
 
 main(prog_name="rnnlm")

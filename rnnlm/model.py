@@ -100,9 +100,8 @@ class OnlineRule:
     """How the network learns from what it scores: rate, L2, and how far errors go back in time.
 
     The defaults are the dynamic model (the daemon and `rnnlm eval --dynamic`): rate 0.01 and an
-    update after every word that reaches one step back in time. On PTB test with the H=200 model
-    (bench/bench_core.py): τ=1 128.8 at 39k words/s, τ=2 127.4 at 32k, τ=3 126.9 at 28k,
-    τ=5 126.7 at 20k; τ=2 buys most of what longer BPTT gives at a small cost.
+    update after every word that reaches one step back in time: τ=2 buys most of what longer BPTT
+    gives, at a small cost in speed (the τ sweep is in docs/benchmarks.md).
     """
 
     lr: float = 0.01

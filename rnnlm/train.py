@@ -114,8 +114,7 @@ def train_epoch(model: RNNLM, ids: np.ndarray, rule: OnlineRule, threads: int,
     target) are shared and updated without locks (Hogwild). The small dense ones (W, and the class
     layer X, rewritten after every word) are private to each thread, and every SYNC_WORDS words
     the threads' copies are averaged into one (see merge_dense_updates): two threads writing the
-    same cache lines word after word ran only 1.1x faster than one thread; this way they run about
-    1.6x faster.
+    same cache lines word after word barely run faster than one (docs/benchmarks.md).
     """
     run = EpochRun(model, ids, rule, threads)
     run.advance(run.length, report)
@@ -130,8 +129,7 @@ def merge_dense_updates(replicas: list[Weights]) -> None:
     W and X take a step at every word of every thread, so over a round the threads' updates are
     estimates of the same step, and their mean is the step taken: synchronous data-parallel SGD, as
     Kaldi averages the models of its parallel jobs. Summing them instead moves the dense layers at
-    twice the rate, and validation levels off far higher (185-189 against 175 after 7 epochs at
-    α 0.1; see the README). U and V rows, each touched by few words in a round, keep every update.
+    twice the rate, and validation levels off far higher (docs/benchmarks.md). U and V rows, each touched by few words in a round, keep every update.
     """
     for name in DENSE:
         total = getattr(replicas[0], name)

@@ -120,9 +120,8 @@ def assign_classes(counts: list[int], num_classes: int, rule: str = "frequency")
     Words (already sorted by descending count) fill class 0 until it holds 1/C of the mass, then
     class 1, and so on: frequent words get small classes, rare words share big ones. "frequency"
     measures a word's mass by its count; "sqrt" by sqrt(count), which splits the rare words into
-    more classes. On PTB (H=200, 100 classes) sqrt makes a token's class 36 words on average instead
-    of 100 and training 1.3x faster (3.6 min), but validation perplexity ends at 150.9 instead of
-    145-146, so "frequency" is the default. `num_classes=1` is a plain full softmax.
+    more classes: smaller classes for the words that occur, so faster training, but on PTB a worse
+    model (docs/benchmarks.md), so "frequency" is the default. `num_classes=1` is a plain full softmax.
     """
     if rule not in CLASS_RULES:
         raise ValueError(f"class rule must be one of {', '.join(CLASS_RULES)}, not {rule!r}")
