@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import (VERSION, CheckpointError, model_payload, read_checked, weights_from_tensors,
-                         weights_to_tensors, write_atomic)
+from .checkpoint import (VERSION, CheckpointError, check_stream_arrays, model_payload, read_checked,
+                         weights_from_tensors, weights_to_tensors, write_atomic)
 from .evaluate import Tally
 from .model import StreamState
 from .train import EpochReport, EpochRun, Trainer
@@ -52,12 +52,13 @@ def run_to_state(run: EpochRun) -> dict:
     }
 
 
-def states_from_state(saved: list[dict]) -> list[StreamState]:
+def states_from_state(saved: list[dict], vocab_size: int, where: str) -> list[StreamState]:
     states = []
     for arrays in saved:
         state = StreamState.__new__(StreamState)
         for name in STATE_ARRAYS:
             setattr(state, name, np.ascontiguousarray(arrays[name].numpy()))
+        check_stream_arrays(state.inputs, state.meta, state.hidden, state.errors, vocab_size, where)
         states.append(state)
     return states
 
@@ -123,4 +124,4 @@ def restore(trainer: Trainer, payload: dict, text: str, world_size: int, rank: i
     trainer.epoch_start.assign(weights_from_tensors(payload["epoch_start"], len(model.vocab), cfg.hidden,
                                                     model.vocab.num_classes, where))
     trainer.run = EpochRun(model, trainer.ids, trainer.run.rule, trainer.threads, position=mine["position"],
-                           states=states_from_state(mine["states"]), tally=tally_from_state(mine["tally"]))
+                           states=states_from_state(mine["states"], len(model.vocab), where), tally=tally_from_state(mine["tally"]))
