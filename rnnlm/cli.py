@@ -68,12 +68,23 @@ def main():
 @click.option("--max-epochs", default=20, show_default=True, type=click.IntRange(1), help="Upper bound on epochs.")
 @click.option("--seed", default=1, show_default=True, type=int, help="Random seed for the initial weights.")
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(1, 64), help="Hogwild training threads.")
+@click.option("--sync-words", default=16384, show_default=True, type=click.IntRange(1), help="Under torchrun: words per rank between merges of the ranks' weights.")
+@click.option("--merge", "merge_rule", default="sparse-sum", show_default=True, type=click.Choice(["sparse-sum", "mean"]), help="Under torchrun: average W and X and keep every rank's U and V updates, or average all four.")
+@click.option("--checkpoint", default=None, type=click.Path(dir_okay=False), help="Training checkpoint file, written after every epoch (and every --checkpoint-words).")
+@click.option("--checkpoint-words", default=None, type=click.IntRange(1), help="Also checkpoint inside an epoch, every this many words per process.")
+@click.option("--resume", is_flag=True, help="Continue from --checkpoint if it exists (under torchrun --max-restarts, a restarted group goes on from there).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @friendly_errors
 def train(train_file, valid_file, out, hidden, classes, class_rule, bptt, bptt_block, min_count, lr, l2, min_improvement,
-          max_epochs, seed, threads, as_json):
-    """Train a model with SGD, truncated BPTT and the halving learning-rate schedule."""
-    from .train import train as run_training
+          max_epochs, seed, threads, sync_words, merge_rule, checkpoint, checkpoint_words, resume, as_json):
+    """Train a model with SGD, truncated BPTT and the halving learning-rate schedule.
+
+    Under torchrun (`torchrun --nproc-per-node N -m rnnlm train ...`) each process learns from its
+    part of the text and the processes merge their weights every --sync-words; rank 0 writes --out.
+    """
+    from .distributed import Launch
+
+    launch = Launch.from_environment()
 
     train_words, valid_words = read_tokens(train_file), read_tokens(valid_file)
     config = Config(hidden=hidden, classes=classes, bptt=bptt, bptt_block=bptt_block, min_count=min_count,
@@ -89,8 +100,11 @@ def train(train_file, valid_file, out, hidden, classes, class_rule, bptt, bptt_b
         say(f"epoch {e.epoch:2d}  α {e.lr:.5f}  train {e.train.words_per_sec:7,.0f} words/s  "
             f"valid perplexity {e.valid.perplexity:8.2f}" + ("" if e.kept else "  (worse: weights restored)"))
 
-    report = run_training(model, train_words, valid_words, threads, bar, on_epoch)
+    report = launch.train(model, train_words, valid_words, threads, bar, on_epoch, sync_words=sync_words,
+                          merge_rule=merge_rule, checkpoint=checkpoint, checkpoint_words=checkpoint_words, resume=resume)
     bar.close()
+    if not launch.writes_files:
+        return
     save_model(model, out)
     best = report.best_valid
     say(f"done in {report.seconds:.1f} s ({report.words_per_sec:,.0f} words/s), "
