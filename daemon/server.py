@@ -276,7 +276,9 @@ class Server:
         overtake one of that connection's, and a liveness probe gets it whatever the backlog."""
         sockets = [s for s in (self.router, self.pull) if s is not None]
         reads = 0
-        while sockets and len(self.in_hand) < self.config.max_in_hand and reads < 4 * self.config.max_in_hand:
+        deadline = time.perf_counter() + TURN_SECONDS  # parsing 1,000 big messages takes seconds too
+        while (sockets and len(self.in_hand) < self.config.max_in_hand and reads < 4 * self.config.max_in_hand
+               and time.perf_counter() < deadline):
             for socket in list(sockets):
                 received = protocol.read_message(socket)
                 if received is None:
