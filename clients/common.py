@@ -1,0 +1,122 @@
+"""What the blocking and the asyncio client share: errors, request framing, matching replies to
+requests by id, and the socket set-up (docs/protocol.md, "Writing a client")."""
+
+from __future__ import annotations
+
+import msgpack
+import zmq
+
+VERSION = 1
+
+
+class ClientError(Exception):
+    """Anything the client itself reports: a bad endpoint, a timeout, a refused request."""
+
+
+class EndpointError(ClientError, ValueError):
+    """The endpoint cannot be connected to (malformed, unknown transport)."""
+
+
+class ReplyTimeout(ClientError, TimeoutError):
+    """No reply within the timeout. The daemon may still handle the request later; its reply is then
+    recognised by id and dropped, and the client goes on working."""
+
+
+class DaemonError(ClientError):
+    """The daemon answered with an error reply; `reply` is that reply."""
+
+    def __init__(self, code: str, message: str, reply: dict | None = None):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.reply = reply or {}
+
+
+def checked(reply: dict) -> dict:
+    """The reply itself when ok, else DaemonError."""
+    if not reply.get("ok"):
+        error = reply.get("error") or {}
+        raise DaemonError(error.get("code", "unknown"), error.get("message", ""), reply)
+    return reply
+
+
+def encode_request(op: str, rid: int, fields: dict) -> bytes:
+    return msgpack.packb({"v": VERSION, "op": op, "id": rid, **fields}, use_bin_type=True)
+
+
+def decode_reply(frame: bytes) -> dict:
+    return msgpack.unpackb(frame, raw=False)
+
+
+def score_fields(text: str | None, tokens: list[str] | None, stream: str, domain: str | None, learn: bool) -> dict:
+    fields = {"stream": stream, "learn": learn}
+    if text is not None:
+        fields["text"] = text
+    if tokens is not None:
+        fields["tokens"] = tokens
+    if domain:
+        fields["domain"] = domain
+    return fields
+
+
+def connected_dealer(ctx: zmq.Context, endpoint: str, curve: tuple[str, str] | None) -> zmq.Socket:
+    """A DEALER socket connected to `endpoint`; a malformed endpoint raises EndpointError."""
+    socket = ctx.socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    try:
+        if curve is not None:
+            from rnnlm.daemon.auth import client_socket_keys
+
+            client_socket_keys(socket, *curve)
+        socket.connect(endpoint)
+    except zmq.ZMQError as err:
+        socket.close(0)
+        raise EndpointError(f"cannot connect to {endpoint!r}: {err.strerror} "
+                            "(expected an endpoint such as tcp://127.0.0.1:5555 or ipc:///run/rnnlm.sock)") from None
+    except BaseException:
+        socket.close(0)
+        raise
+    return socket
+
+
+ABANDONED = object()
+
+
+class PendingReplies:
+    """Requests sent and not yet answered, in the order sent; matches each reply to its request.
+
+    A request whose caller gave up (a timeout, an abandoned pipeline) stays here, marked abandoned,
+    so its late reply is recognised by id and dropped instead of being taken for the answer to a
+    later request. The daemon answers one connection's requests in order, which settles two cases:
+    a nil-id error (a request it could not read) answers the oldest request still open, and once a
+    reply arrives, abandoned requests sent before it will never be answered and are forgotten.
+    """
+
+    def __init__(self):
+        self.waiting: dict[object, object] = {}  # id -> what the caller waits with, or ABANDONED
+
+    def __len__(self) -> int:
+        return len(self.waiting)
+
+    def add(self, rid, waiter=True) -> None:
+        self.waiting[rid] = waiter
+
+    def abandon(self, rid) -> None:
+        if rid in self.waiting:
+            self.waiting[rid] = ABANDONED
+
+    def match(self, reply: dict):
+        """(id, waiter) of the live request this reply answers, or None for a stale or unknown one."""
+        rid = reply.get("id")
+        if rid is None and not reply.get("ok"):
+            rid = next(iter(self.waiting), None)
+            reply["id"] = rid
+        if rid not in self.waiting:
+            return None
+        for earlier in list(self.waiting):
+            if earlier == rid:
+                break
+            if self.waiting[earlier] is ABANDONED:
+                del self.waiting[earlier]
+        waiter = self.waiting.pop(rid)
+        return None if waiter is ABANDONED else (rid, waiter)
