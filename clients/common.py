@@ -16,6 +16,11 @@ class ClientError(Exception):
 class EndpointError(ClientError, ValueError):
     """The endpoint cannot be connected to (malformed, unknown transport)."""
 
+    def __init__(self, endpoint: str, reason: str):
+        super().__init__(f"cannot connect to {endpoint!r}: {reason}")
+        self.endpoint = endpoint
+        self.reason = reason
+
 
 class ReplyTimeout(ClientError, TimeoutError):
     """No reply within the timeout. The daemon may still handle the request later; its reply is then
@@ -71,8 +76,8 @@ def connected_dealer(ctx: zmq.Context, endpoint: str, curve: tuple[str, str] | N
         socket.connect(endpoint)
     except zmq.ZMQError as err:
         socket.close(0)
-        raise EndpointError(f"cannot connect to {endpoint!r}: {err.strerror} "
-                            "(expected an endpoint such as tcp://127.0.0.1:5555 or ipc:///run/rnnlm.sock)") from None
+        raise EndpointError(endpoint, f"{zmq.strerror(err.errno)}; expected an endpoint such as tcp://127.0.0.1:5555 "
+                                      "or ipc:///run/rnnlm.sock") from None
     except BaseException:
         socket.close(0)
         raise

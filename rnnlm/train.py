@@ -80,11 +80,12 @@ def train_epoch(model: RNNLM, ids: np.ndarray, rule: OnlineRule, threads: int,
             if threads > 1:
                 merge_dense_updates(replicas)
             if report and time.perf_counter() - last_report > 0.2:
+                tally.seconds = time.perf_counter() - start  # so the report's words/s is the epoch's
                 report(tally.words, tally)
                 last_report = time.perf_counter()
+    tally.seconds = time.perf_counter() - start
     if report:
         report(tally.words, tally)
-    tally.seconds = time.perf_counter() - start
     return tally
 
 
