@@ -176,6 +176,9 @@ def eval_command(model_files, test_file, ngram_file, ngram_weight, weights_text,
                f"words {result['words']:,} (OOV {result['oov']:,}, rare {result['rare']:,})  "
                f"{result['words_per_sec']:,.0f} words/s")
     if mixing:
+        known = result["excluding_unk"]
+        click.echo(f"  excluding <unk> and OOV tokens (as KenLM's 'perplexity excluding OOVs'): perplexity "
+                   f"{known['perplexity']:.2f}  words {known['words']:,} ({known['excluded']:,} left out)")
         for part in result["components"]:
             ppl = "inf" if part["perplexity"] is None else f"{part['perplexity']:.2f}"
             mode = "dynamic" if part["dynamic"] else "static"
@@ -215,6 +218,8 @@ def _eval_mixture(model_files, ngram_file, ngram_weight, weights_text, tune_file
     result = {"models": list(model_files), "ngram": ngram_file, "test": test_file, "mode": mode,
               "dynamic_lr": rule.lr if rule else None, **score.tally.as_dict(), "skipped": score.skipped,
               "weights": score.weights.tolist(), "tuning": tuning,
+              "excluding_unk": {"perplexity": score.known.perplexity, "words": score.known.words,
+                                "excluded": score.tally.words - score.known.words},
               "components": [{k: _finite(v) for k, v in part.items()} for part in score.components]}
     if len(model_files) == 1:
         result["model"] = model_files[0]
