@@ -24,18 +24,21 @@ from typing import AsyncIterable, Iterable
 import zmq
 import zmq.asyncio
 
-from .common import (ClientError, DaemonError, EndpointError, PendingReplies, ReplyTimeout, checked, connected_dealer,
-                     decode_reply, encode_request, score_fields)
+from .common import (ClientError, DaemonError, EndpointError, PendingReplies, ReplyTimeout, StreamNumbers, checked,
+                     connected_dealer, decode_reply, encode_request, score_fields)
 
 __all__ = ["AsyncClient", "ClientError", "DaemonError", "EndpointError", "ReplyTimeout"]
 
 
 class AsyncClient:
     def __init__(self, endpoint: str, timeout: float = 30.0, context: zmq.asyncio.Context | None = None,
-                 curve: tuple[str, str] | None = None):
-        """`curve`: (this client's NAME.key_secret file, the daemon's public NAME.key file)."""
+                 curve: tuple[str, str] | None = None, retries: int = 0):
+        """`curve` and `retries` as for Client. Exactly-once retries assume one score of a stream
+        in flight at a time (a stream's messages are sequential anyway: each continues the last)."""
         self.endpoint = endpoint
         self.timeout = timeout
+        self.retries = retries
+        self.numbers = StreamNumbers()
         self.ctx = context or zmq.asyncio.Context.instance()
         self.socket = connected_dealer(self.ctx, endpoint, curve)
         self.ids = itertools.count(1)
@@ -65,7 +68,29 @@ class AsyncClient:
 
     async def score(self, text: str | None = None, *, tokens: list[str] | None = None, stream: str = "default",
                     domain: str | None = None, learn: bool = True, check: bool = True) -> dict:
-        return await self.request("score", check, **score_fields(text, tokens, stream, domain, learn))
+        fields = score_fields(text, tokens, stream, domain, learn)
+        reply = await (self.score_with_retries(fields) if self.retries else self.request("score", False, **fields))
+        return checked(reply) if check else reply
+
+    async def score_with_retries(self, fields: dict) -> dict:
+        """As Client.score_with_retries: the same `seq` on every attempt."""
+        first_use = not self.numbers.known(fields)
+        fields["seq"] = self.numbers.take(fields)
+        reply = None
+        try:
+            for attempt in range(self.retries + 1):
+                try:
+                    reply = await self.request("score", False, **fields)
+                except ReplyTimeout:
+                    if attempt == self.retries:
+                        raise
+                    continue
+                if first_use and self.numbers.adopt(fields, reply):
+                    first_use = False
+                    reply = await self.request("score", False, **fields)
+                return reply
+        finally:
+            self.numbers.settle(fields, reply)
 
     async def reset(self, stream: str, domain: str | None = None) -> dict:
         return await self.request("reset", stream=stream, **({"domain": domain} if domain else {}))
@@ -98,6 +123,8 @@ class AsyncClient:
                     if fields is None:
                         exhausted = True
                     else:
+                        if fields.get("op") == "score" and "stream" in fields:
+                            self.numbers.forget(fields)  # pipelined messages are not numbered
                         in_flight.append(await self.send(**fields))
                 if not in_flight:
                     return

@@ -31,18 +31,22 @@ from typing import Iterable, Iterator
 
 import zmq
 
-from .common import (VERSION, ClientError, DaemonError, EndpointError, PendingReplies, ReplyTimeout, checked,
-                     connected_dealer, decode_reply, encode_request, score_fields)
+from .common import (VERSION, ClientError, DaemonError, EndpointError, PendingReplies, ReplyTimeout, StreamNumbers,
+                     checked, connected_dealer, decode_reply, encode_request, score_fields)
 
 __all__ = ["Client", "ClientError", "DaemonError", "EndpointError", "ReplyTimeout", "VERSION", "score_fields"]
 
 
 class Client:
     def __init__(self, endpoint: str, timeout: float = 30.0, context: zmq.Context | None = None,
-                 curve: tuple[str, str] | None = None):
-        """`curve`: (this client's NAME.key_secret file, the daemon's public NAME.key file)."""
+                 curve: tuple[str, str] | None = None, retries: int = 0):
+        """`curve`: (this client's NAME.key_secret file, the daemon's public NAME.key file).
+        `retries`: how many times `score` sends a request again after a timeout; with retries, score
+        requests carry per-stream sequence numbers, so a retried message is learned from once."""
         self.endpoint = endpoint
         self.timeout = timeout
+        self.retries = retries
+        self.numbers = StreamNumbers()
         self.ctx = context or zmq.Context.instance()
         self.socket = connected_dealer(self.ctx, endpoint, curve)
         self.ids = itertools.count(1)
@@ -71,7 +75,29 @@ class Client:
 
     def score(self, text: str | None = None, *, tokens: list[str] | None = None, stream: str = "default",
               domain: str | None = None, learn: bool = True, check: bool = True) -> dict:
-        return self.request("score", check, **score_fields(text, tokens, stream, domain, learn))
+        fields = score_fields(text, tokens, stream, domain, learn)
+        reply = self.score_with_retries(fields) if self.retries else self.request("score", False, **fields)
+        return checked(reply) if check else reply
+
+    def score_with_retries(self, fields: dict) -> dict:
+        """Send, and after a timeout send again with the same `seq`: learned from once either way."""
+        first_use = not self.numbers.known(fields)
+        fields["seq"] = self.numbers.take(fields)
+        reply = None
+        try:
+            for attempt in range(self.retries + 1):
+                try:
+                    reply = self.request("score", False, **fields)
+                except ReplyTimeout:
+                    if attempt == self.retries:
+                        raise
+                    continue
+                if first_use and self.numbers.adopt(fields, reply):
+                    first_use = False
+                    reply = self.request("score", False, **fields)
+                return reply
+        finally:
+            self.numbers.settle(fields, reply)
 
     def reset(self, stream: str, domain: str | None = None) -> dict:
         return self.request("reset", stream=stream, **({"domain": domain} if domain else {}))
@@ -102,6 +128,8 @@ class Client:
         try:
             while True:
                 while len(in_flight) < window and (fields := next(requests, None)) is not None:
+                    if fields.get("op") == "score" and "stream" in fields:
+                        self.numbers.forget(fields)  # pipelined messages are not numbered
                     in_flight.append(self.send(**fields))
                 if not in_flight:
                     return

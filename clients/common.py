@@ -125,3 +125,52 @@ class PendingReplies:
                 del self.waiting[earlier]
         waiter = self.waiting.pop(rid)
         return None if waiter is ABANDONED else (rid, waiter)
+
+
+class StreamNumbers:
+    """The `seq` of each stream's score requests, for exactly-once learning when a request is retried
+    (docs/protocol.md, "Timeouts and retries"): numbers count up from 1 per (domain, stream), a
+    retry re-sends the same number, and the daemon answers a repeat of the last number it applied
+    with that message's reply instead of learning from it again.
+
+    A stream whose number this client does not know (never used here, or the fate of its last
+    request is unknown) starts at 1; a daemon that has seen the stream answers `out_of_order` with
+    the number it `expected`, which is adopted once, for that first request only."""
+
+    def __init__(self):
+        self.last: dict[tuple[str, str], int] = {}
+
+    @staticmethod
+    def key(fields: dict) -> tuple[str, str]:
+        return fields.get("domain") or "default", fields["stream"]
+
+    def known(self, fields: dict) -> bool:
+        return self.key(fields) in self.last
+
+    def take(self, fields: dict) -> int:
+        """The next number for this stream, counted as used."""
+        key = self.key(fields)
+        self.last[key] = self.last.get(key, 0) + 1
+        return self.last[key]
+
+    def settle(self, fields: dict, reply: dict | None) -> None:
+        """After the last attempt: a scored message keeps its number, a refused one gives it back, and
+        after a timeout the stream's number is unknown (the daemon may or may not have applied it)."""
+        key = self.key(fields)
+        if reply is None:
+            self.last.pop(key, None)
+        elif not reply.get("ok"):
+            self.last[key] = fields["seq"] - 1
+
+    def adopt(self, fields: dict, reply: dict) -> bool:
+        """Take the daemon's `expected` number from an out_of_order reply to a stream's first request."""
+        error = reply.get("error") or {}
+        expected = error.get("expected")
+        if error.get("code") != "out_of_order" or not isinstance(expected, int) or expected < 1:
+            return False
+        self.last[self.key(fields)] = expected
+        fields["seq"] = expected
+        return True
+
+    def forget(self, fields: dict) -> None:
+        self.last.pop(self.key(fields), None)
