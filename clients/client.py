@@ -83,18 +83,19 @@ class Client:
         """Send, and after a timeout send again with the same `seq`: learned from once either way."""
         first_use = not self.numbers.known(fields)
         fields["seq"] = self.numbers.take(fields)
-        reply = None
+        reply, timeouts = None, 0
         try:
-            for attempt in range(self.retries + 1):
+            while True:
                 try:
                     reply = self.request("score", False, **fields)
                 except ReplyTimeout:
-                    if attempt == self.retries:
+                    reply, timeouts = None, timeouts + 1
+                    if timeouts > self.retries:
                         raise
                     continue
-                if first_use and self.numbers.adopt(fields, reply):
-                    first_use = False
-                    reply = self.request("score", False, **fields)
+                if first_use and self.numbers.adopt(fields, reply):  # send again under the daemon's number
+                    first_use, reply = False, None
+                    continue
                 return reply
         finally:
             self.numbers.settle(fields, reply)
