@@ -43,8 +43,8 @@ class TrainProgress:
 
 
 class BestSoFar:
-    """The weights after the last finished epoch (the best on validation so far: an epoch that made
-    it worse has had its weights restored), so that Ctrl-C can still save them."""
+    """A copy of the weights of the best epoch on validation so far (the ones training keeps), so
+    that Ctrl-C in the middle of the next epoch can still save them."""
 
     def __init__(self, model: RNNLM):
         self.model = model
@@ -52,14 +52,13 @@ class BestSoFar:
         self.epoch = None
 
     def note(self, epoch) -> None:
-        self.weights = self.model.weights.copy()
         if epoch.kept:
-            self.epoch = epoch
+            self.weights, self.epoch = self.model.weights.copy(), epoch
 
     def save_on_interrupt(self, out: str):
         """Save them and exit with status 130 (128 + SIGINT), or say nothing was saved."""
-        if self.weights is None:
-            say("interrupted during epoch 1: no epoch finished, nothing saved")
+        if self.epoch is None:
+            say("interrupted before any epoch finished well: nothing saved")
         else:
             self.model.weights.assign(self.weights)
             save_model(self.model, out)
