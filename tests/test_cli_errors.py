@@ -29,6 +29,17 @@ def rnnlm(*args, timeout=120):
                           timeout=timeout)
 
 
+def rnnlm_all(*commands: tuple) -> list[subprocess.CompletedProcess]:
+    """Several `rnnlm` commands at once (each pays for starting Python and importing torch)."""
+    procs = [subprocess.Popen([sys.executable, "-m", "rnnlm.cli", *map(str, args)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for args in commands]
+    results = []
+    for proc, args in zip(procs, commands):
+        out, err = proc.communicate(timeout=120)
+        results.append(subprocess.CompletedProcess(args, proc.returncode, out, err))
+    return results
+
+
 def one_error_line(result, status: int, *expected: str) -> str:
     assert result.returncode == status, (result.returncode, result.stderr)
     assert "Traceback" not in result.stderr and "WARNING" not in result.stderr, result.stderr
@@ -61,43 +72,36 @@ def test_stream_to_a_malformed_endpoint(texts):
                    "tcp://127.0.0.1:5555")
 
 
-@pytest.mark.parametrize("case", ["unknown-host", "unknown-transport", "in-use"])
-def test_serve_checks_bind_addresses_before_anything_else(case, busy_port):
-    """No CURVE warning, no model loading: the bad address is the one thing said."""
-    endpoint = {"unknown-host": "tcp://nohost:1", "unknown-transport": "foo://x",
-                "in-use": f"tcp://127.0.0.1:{busy_port}"}[case]
-    status = 1 if case == "in-use" else 2
-    one_error_line(rnnlm("serve", "--bind", endpoint, "--metrics-addr", "127.0.0.1:0"), status,
-                   f"--bind '{endpoint}'")
+def test_serve_checks_addresses_before_anything_else(busy_port):
+    """No CURVE warning, no model loading: the bad address is the one thing said, named with its
+    option; exit status 2 for what can never work, 1 for what is in use."""
+    cases = [("--bind", "tcp://nohost:1", 2), ("--bind", "foo://x", 2), ("--bind", f"tcp://127.0.0.1:{busy_port}", 1),
+             ("--metrics-addr", "9109", 2), ("--metrics-addr", "nohost:9109", 2),
+             ("--metrics-addr", f"127.0.0.1:{busy_port}", 1)]
+    defaults = {"--bind": "tcp://127.0.0.1:0", "--metrics-addr": "127.0.0.1:0"}
+    results = rnnlm_all(*(["serve", *[a for o, v in {**defaults, option: value}.items() for a in (o, v)]]
+                          for option, value, _ in cases))
+    for (option, value, status), result in zip(cases, results):
+        line = one_error_line(result, status, f"{option} '{value}'")
+        if status == 1:
+            assert "Address already in use" in line, line
 
 
-@pytest.mark.parametrize("case", ["malformed", "unknown-host", "in-use"])
-def test_serve_names_the_metrics_address(case, busy_port):
-    addr = {"malformed": "9109", "unknown-host": "nohost:9109", "in-use": f"127.0.0.1:{busy_port}"}[case]
-    status = 1 if case == "in-use" else 2
-    line = one_error_line(rnnlm("serve", "--bind", "tcp://127.0.0.1:0", "--metrics-addr", addr), status,
-                          f"--metrics-addr '{addr}'")
-    if case == "in-use":
-        assert "Address already in use" in line
-
-
-@pytest.mark.parametrize("content", ["text", "random", "code"])
-def test_a_model_that_is_not_one_is_said_calmly(texts, tmp_path, content):
+def test_a_model_that_is_not_one_is_said_calmly(texts, tmp_path):
     """Tampering wording only for a pickle that really names code; text or noise is 'not a model'."""
-    model = tmp_path / "model.pt"
-    if content == "text":
-        model.write_text("the cat sat on the mat\n")
-    elif content == "random":
-        model.write_bytes(bytes(range(256)) * 16 + os.urandom(4096))
-    else:
-        model.write_bytes(pickle.dumps({"format": "rnnlm-model", "run": Exec()}))
-    line = one_error_line(rnnlm("eval", "--model", model, "--test", texts / "text.txt"), 1, str(model))
-    if content == "code":
-        assert "refused: it holds code" in line and "builtins.exec" in line
-    else:
-        assert "not an rnnlm-model file" in line and "code" not in line
-    with pytest.raises(CheckpointError):
-        load_model(model)
+    models = {content: tmp_path / f"{content}.pt" for content in ("text", "random", "code")}
+    models["text"].write_text("the cat sat on the mat\n")
+    models["random"].write_bytes(bytes(range(256)) * 16 + os.urandom(4096))
+    models["code"].write_bytes(pickle.dumps({"format": "rnnlm-model", "run": Exec()}))
+    results = rnnlm_all(*(["eval", "--model", model, "--test", texts / "text.txt"] for model in models.values()))
+    for (content, model), result in zip(models.items(), results):
+        line = one_error_line(result, 1, str(model))
+        if content == "code":
+            assert "refused: it holds code" in line and "builtins.exec" in line
+        else:
+            assert "not an rnnlm-model file" in line and "code" not in line
+        with pytest.raises(CheckpointError):
+            load_model(model)
 
 
 class Exec:
@@ -105,11 +109,13 @@ class Exec:
         return (exec, ("raise SystemExit('this must never run')",))
 
 
-@pytest.mark.parametrize("out", ["/proc/m.pt", "/nonexistent/dir/m.pt"])
-def test_train_checks_out_before_training(texts, out):
-    r = rnnlm("train", "--train", texts / "text.txt", "--valid", texts / "text.txt", "--out", out)
-    one_error_line(r, 1, f"--out '{out}'")
-    assert "epoch" not in r.stderr, "no training before the check"
+def test_train_checks_out_before_training(texts):
+    outs = ["/proc/m.pt", "/nonexistent/dir/m.pt"]
+    results = rnnlm_all(*(["train", "--train", texts / "text.txt", "--valid", texts / "text.txt", "--out", out]
+                          for out in outs))
+    for out, result in zip(outs, results):
+        one_error_line(result, 1, f"--out '{out}'")
+        assert "epoch" not in result.stderr, "no training before the check"
     assert not os.path.exists("/nonexistent"), "no directories created"
 
 
