@@ -24,8 +24,8 @@ model's weights, on valid and on test separately. Build the inputs once:
     .venv/bin/rnnlm train --train ptb.train.txt --valid ptb.valid.txt --out runs/mix/h300s3.pt \
         --hidden 300 --seed 3 --threads 1          (and --hidden 400 --seed 4 for h400s4.pt)
 
-The main model is the core issue's H=200 model (runs/ptb200.pt, copied to runs/mix/ so it does not
-change underneath). Measured results are in the report of issue 4 (and the README).
+The main model is the H=200 model of bench/bench_core.py (copied to runs/mix/ so it does not
+change underneath). Measured results are in docs/benchmarks.md.
 """
 
 from __future__ import annotations

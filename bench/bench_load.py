@@ -139,21 +139,24 @@ def soak(endpoint: str, pid: int, lines: list[str], clients: int, seconds: float
     ctx = zmq.Context()
     stop = threading.Event()
     counts = [0] * clients
+    wrong: list[dict] = []  # replies that are errors or answer no request of their socket
 
     def client(n: int) -> None:
         socket = ctx.socket(zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 0)
         socket.connect(endpoint)
-        k, in_flight = 0, 0
+        k, in_flight = 0, set()
         while not stop.is_set() or in_flight:
-            while not stop.is_set() and in_flight < 8:
+            while not stop.is_set() and len(in_flight) < 8:
                 socket.send(msgpack.packb({"op": "score", "id": k, "stream": f"soak-{n}-{k % 500}",
                                            "domain": f"domain-{k % 4}", "text": lines[(n * 31 + k) % len(lines)]}))
+                in_flight.add(k)
                 k += 1
-                in_flight += 1
             if socket.poll(1000):
-                socket.recv()
-                in_flight -= 1
+                reply = msgpack.unpackb(socket.recv(), raw=False)
+                if not reply.get("ok") or reply.get("id") not in in_flight:
+                    wrong.append(reply)
+                in_flight.discard(reply.get("id"))
                 counts[n] += 1
             elif stop.is_set():
                 break
@@ -179,8 +182,12 @@ def soak(endpoint: str, pid: int, lines: list[str], clients: int, seconds: float
     elapsed = time.monotonic() - start
     handled = sum(counts) - handled0
     print(f"  RSS at end {rss1:.1f} MB after {handled:,} messages in {elapsed:.0f} s ({handled / elapsed:,.0f}/s): "
-          f"drift {rss1 - rss0:+.1f} MB ({100 * (rss1 - rss0) / rss0:+.1f} %)")
+          f"drift {rss1 - rss0:+.1f} MB ({100 * (rss1 - rss0) / rss0:+.1f} %); {len(wrong)} wrong replies")
     ctx.term()
+    # (bench_memory.py is the full soak: PTB size, 16 domains, 10,000 streams)
+    if wrong or rss1 - rss0 > 0.02 * rss0:
+        raise SystemExit(f"soak failed: {len(wrong)} wrong replies (first: {wrong[:1]}), RSS drift "
+                         f"{100 * (rss1 - rss0) / rss0:+.1f} % (bound +2 %)")
 
 
 def main() -> None:

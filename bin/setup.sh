@@ -10,12 +10,12 @@ APT_UPDATED=
 need_debian() {
     local what=$1; shift
     if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
-        echo "$0: installing $* ($what missing)" >&2
+        echo "$0: installing $* (missing: $what)" >&2
         export DEBIAN_FRONTEND=noninteractive
         [[ -n $APT_UPDATED ]] || { apt-get update -qq && APT_UPDATED=1; }
         apt-get install -y -qq --no-install-recommends "$@" >/dev/null
     else
-        echo "$0: $what missing; install it with: sudo apt-get install $*" >&2
+        echo "$0: missing $what; install with: sudo apt-get install $*" >&2
         exit 1
     fi
 }
@@ -43,8 +43,9 @@ need_test_tools() {
     command -v ip >/dev/null || { missing+=(ip); packages+=(iproute2); }
     command -v mount >/dev/null || { missing+=(mount); packages+=(mount); }
     if (( ${#packages[@]} )); then
-        local IFS=,
-        need_debian "${missing[*]}" "${packages[@]}"
+        local list
+        list=$(printf ', %s' "${missing[@]}")
+        need_debian "${list:2}" "${packages[@]}"
     fi
 }
 

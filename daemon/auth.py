@@ -81,21 +81,44 @@ def client_socket_keys(socket: zmq.Socket, client_secret_file: str | Path, serve
 class CurveServer:
     """The authenticator thread and the server's keys; `secure()` each socket before binding it."""
 
-    def __init__(self, ctx: zmq.Context, secret_file: str | Path, authorized_dir: str | Path, failures=None):
+    def __init__(self, ctx: zmq.Context, secret_file: str | Path, authorized_dir: str | Path, failures=None,
+                 admin_dir: str | Path | None = None):
         self.public, self.secret = load_secret(secret_file)
-        directory = Path(authorized_dir)
-        if not directory.is_dir():
-            raise ValueError(f"{directory}: no such directory of authorised client keys")
-        allowed = sorted(directory.glob("*.key"))
-        if not allowed:
-            log.warning("%s holds no client keys (*.key): every client will be refused", directory)
+        self.directory = Path(authorized_dir)
+        self.admin_dir = Path(admin_dir) if admin_dir is not None else None
+        self.admins: frozenset[str] | None = None  # Z85 public keys; None: every client may send control ops
+        if not self.directory.is_dir():
+            raise ValueError(f"{self.directory}: no such directory of authorised client keys")
         self.failures = failures  # a Counter labelled (socket, reason), or None
         self.monitors: list[tuple[zmq.Socket, threading.Thread]] = []
         self.authenticator = ThreadAuthenticator(ctx, log=logging.getLogger("rnnlm.daemon.zap"))
         self.authenticator.start()
+        self.reload()
+
+    def reload(self) -> None:
+        """(Re)read the authorised client keys: at start, and on SIGHUP. Connections made before
+        keep going; every new handshake is checked against the keys read here."""
+        if not self.directory.is_dir():
+            raise ValueError(f"{self.directory}: no such directory of authorised client keys")
+        allowed = sorted(self.directory.glob("*.key"))
+        if not allowed:
+            log.warning("%s holds no client keys (*.key): every client will be refused", self.directory)
+        admins = self.read_admins() if self.admin_dir is not None else None
         # Any domain, only the public keys found in the directory.
-        self.authenticator.configure_curve(domain="*", location=str(directory))
-        log.info("CURVE on: %d authorised client key(s) in %s", len(allowed), directory)
+        self.authenticator.configure_curve(domain="*", location=str(self.directory))
+        self.admins = admins
+        log.info("CURVE on: %d authorised client key(s) in %s", len(allowed), self.directory)
+
+    def read_admins(self) -> frozenset[str]:
+        if not self.admin_dir.is_dir():
+            raise ValueError(f"{self.admin_dir}: no such directory of admin client keys")
+        keys = frozenset(load_public(path).decode("ascii") for path in sorted(self.admin_dir.glob("*.key")))
+        log.info("%d admin key(s) in %s may send save, reset and drop_domain", len(keys), self.admin_dir)
+        return keys
+
+    def is_admin(self, user: str | None) -> bool:
+        """Whether a client (its key, as the ZAP handler named it: Z85) may send control ops."""
+        return self.admins is None or user in self.admins
 
     def secure(self, socket: zmq.Socket, label: str) -> None:
         socket.curve_secretkey = self.secret

@@ -23,10 +23,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from rnnlm.checkpoint import CheckpointError, model_from_payload, model_payload, weights_from_tensors, weights_to_tensors
+from rnnlm.checkpoint import CheckpointError, check_stream_arrays, model_from_payload, model_payload, weights_from_tensors, weights_to_tensors
 from rnnlm.corpus import EOS
 from rnnlm.evaluate import Tally
-from rnnlm import kernels
 from rnnlm.model import RNNLM, OnlineRule, StreamState, Weights
 from rnnlm.vocab import OOV, RARE_WORD
 
@@ -50,6 +49,8 @@ class Domain:
     guard: GuardState = field(default_factory=GuardState)  # shadow comparison, snapshots, rollbacks
     extra: list[Weights] = field(default_factory=list)  # with a mixture: each extra RNN's adapted weights
     rnn_loss: float = 0.0  # with a mixture: -Σ ln P of the primary RNN alone (the tally holds the mixture's)
+    owner: str | None = None  # with CURVE: the client key that created it (per-key quotas)
+    last_seen: float = field(default_factory=time.monotonic)  # last message (idle domains expire)
 
 
 @dataclass
@@ -60,6 +61,41 @@ class Stream:
     shadow: StreamState | None = None  # the base model's own context for this stream (sampled messages only)
     extra: list[StreamState] = field(default_factory=list)  # with a mixture: each extra RNN's state
     history: list[int] | None = None  # with an n-gram: its history (word ids), carried across messages
+
+
+@dataclass
+class MemoryBudget:
+    """What the learner's state may take: a fixed part (the process once loaded) plus a cost per
+    domain and per stream, worst cases, from the sizes of their arrays (see `costs`)."""
+
+    limit_mb: float
+    fixed_bytes: int
+    per_domain: int
+    per_stream: int
+
+    def room_for(self, domains: int, streams: int) -> bool:
+        return self.fixed_bytes + domains * self.per_domain + streams * self.per_stream <= self.limit_mb * 2 ** 20
+
+    def describe(self) -> str:
+        return (f"{self.fixed_bytes / 2 ** 20:.0f} MB loaded, {self.per_domain / 2 ** 20:.1f} MB per domain, "
+                f"{self.per_stream / 1024:.1f} KB per stream")
+
+    @staticmethod
+    def costs(learner: "Learner") -> tuple[int, int]:
+        """Bytes per domain and per stream, worst case.
+
+        A domain: its weights (and each extra RNN's), the guard's two snapshots of them when the
+        guard is on, and the checkpoint's copy while one is written. A stream: its state arrays
+        (and each extra RNN's), the checkpoint's copy, and STREAM_OVERHEAD for the Python objects
+        around them (measured: bench/bench_memory.py)."""
+        models = [learner.model, *(learner.combination.extras if learner.combination is not None else [])]
+        weights = sum(a.nbytes for m in models for a in m.weights.arrays().values())
+        guard = 2 if learner.adaptation.config.guard_margin is not None else 0
+        state = sum(getattr(m.new_state(learner.rule), k).nbytes for m in models for k in STATE_DTYPES)
+        return weights * (1 + guard + 1), 2 * state + STREAM_OVERHEAD
+
+
+STREAM_OVERHEAD = 3 * 1024  # bytes of Python objects per stream (dict entries, Stream, StreamState, Tally)
 
 
 @dataclass
@@ -84,7 +120,7 @@ class ScoreResult:
 class Learner:
     def __init__(self, model: RNNLM, rule: OnlineRule, max_streams: int = 10_000, max_domains: int = 16,
                  stream_idle_seconds: float = 3600.0, adapt: AdaptConfig | None = None,
-                 combination: Combination | None = None):
+                 combination: Combination | None = None, max_domains_per_key: int | None = None):
         self.model = model  # its weights are the base model's and never change
         self.rule = rule
         self.adaptation = Adaptation(adapt or AdaptConfig(), model)
@@ -94,29 +130,62 @@ class Learner:
             self.extra_adaptations = [Adaptation(decay, m) for m in combination.extras]
         self.max_streams = max_streams
         self.max_domains = max_domains
+        self.max_domains_per_key = max_domains_per_key
+        self.budget: MemoryBudget | None = None  # --max-memory-mb: refuses domains, caps streams
         self.stream_idle_seconds = stream_idle_seconds
         self.domains: dict[str, Domain] = {}
         self.streams: OrderedDict[tuple[str, str], Stream] = OrderedDict()  # least recently used first
+        self.before_learning = None  # called with (domain, stream key) before they change (state.Snapshot)
         self.evicted = {"lru": 0, "idle": 0}
 
     # --- scoring -------------------------------------------------------------------------------
 
-    def domain(self, name: str) -> Domain:
+    def domain(self, name: str, owner: str | None = None) -> Domain:
         domain = self.domains.get(name)
         if domain is None:
             if len(self.domains) >= self.max_domains:
                 raise ProtocolError("too_many_domains", f"at most {self.max_domains} domains; '{name}' would be one more")
-            domain = self.domains[name] = Domain(self.model.weights.copy())
+            if self.budget is not None and not self.budget.room_for(len(self.domains) + 1, len(self.streams)):
+                raise ProtocolError("memory_budget", f"no room for another domain within --max-memory-mb "
+                                                     f"{self.budget.limit_mb:.0f} ({self.budget.describe()})")
+            if owner is not None and self.max_domains_per_key is not None:
+                owned = sum(d.owner == owner for d in self.domains.values())
+                if owned >= self.max_domains_per_key:
+                    raise ProtocolError("too_many_domains", f"this client key made {owned} domains already, the most "
+                                                            f"one key may make (--max-domains-per-key)")
+            domain = self.domains[name] = Domain(self.model.weights.copy(), owner=owner)
             if self.combination is not None:
                 domain.extra = self.combination.new_weights()
+        domain.last_seen = time.monotonic()
         return domain
+
+    def base_domain(self) -> Domain:
+        """A throwaway domain holding the base weights, for `learn: false` on a domain that does not
+        exist: scored like a new domain would be, without creating one."""
+        domain = Domain(self.model.weights)
+        if self.combination is not None:
+            domain.extra = [m.weights for m in self.combination.extras]
+        return domain
+
+    def drop_domain(self, name: str) -> bool:
+        """Forget a domain and its streams."""
+        if self.domains.pop(name, None) is None:
+            return False
+        for key in [k for k in self.streams if k[0] == name]:
+            del self.streams[key]
+        return True
+
+    def idle_domains(self, seconds: float) -> list[str]:
+        cutoff = time.monotonic() - seconds
+        return [name for name, d in self.domains.items() if d.last_seen < cutoff]
 
     def stream(self, domain: str, name: str) -> Stream:
         key = (domain, name)
         stream = self.streams.get(key)
         if stream is None:
-            if len(self.streams) >= self.max_streams:
-                self.streams.popitem(last=False)
+            while self.streams and (len(self.streams) >= self.max_streams or (
+                    self.budget is not None and not self.budget.room_for(len(self.domains), len(self.streams) + 1))):
+                self.streams.popitem(last=False)  # the memory budget caps streams as --max-streams does
                 self.evicted["lru"] += 1
             stream = self.streams[key] = Stream(self.model.new_state(self.rule))
             if self.combination is not None:
@@ -136,10 +205,10 @@ class Learner:
         adapt = self.adaptation.config
         return not adapt.decay_to_base and not adapt.shadow_sample
 
-    def score(self, request: Request) -> ScoreResult:
-        return self.score_run([request])[0]
+    def score(self, request: Request, owner: str | None = None) -> ScoreResult:
+        return self.score_run([request], owner)[0]
 
-    def score_run(self, requests: list[Request]) -> list[ScoreResult]:
+    def score_run(self, requests: list[Request], owner: str | None = None) -> list[ScoreResult]:
         """Score messages of one stream (same domain, stream and `learn`), in order, in one call
         into the online step; one result per message.
 
@@ -153,10 +222,13 @@ class Learner:
             raise ValueError("several messages in one call need decay and shadow sampling off")
         messages = [message_words(r) for r in requests]
         words = [w for m in messages for w in m]
-        domain = self.domain(first.domain)
-        stream = self.stream(first.domain, first.stream)
         learn = first.learn and self.rule.learn
+        transient = not learn and first.domain not in self.domains  # `learn: false` never creates a domain
+        domain = self.base_domain() if transient else self.domain(first.domain, owner)
+        stream = self.stream(first.domain, first.stream)
         rule = self.rule if learn else OnlineRule(learn=False)
+        if self.before_learning is not None:  # (the guard may roll weights back even when not learning)
+            self.before_learning(first.domain, (first.domain, first.stream))
         logprobs, kinds, applied = self.model.score_words(words, stream.state, rule, domain.weights)
         rnn_logprobs = None
         if self.combination is not None:
@@ -177,7 +249,7 @@ class Learner:
             result.rolled_back = adaptation.roll_back(domain.guard, domain.weights, "weights not finite")
         if rnn_logprobs is not None:
             self._adapt_extras(domain, extra_applied, len(words) if learn else 0, result)
-        if adaptation.sample():
+        if not transient and adaptation.sample():
             if stream.shadow is None:
                 stream.shadow = self.model.new_state(FROZEN)
             base, _, _ = self.model.score_words(words, stream.shadow, FROZEN, self.model.weights)
@@ -272,8 +344,13 @@ class Learner:
 
     # --- checkpoints ---------------------------------------------------------------------------
 
-    def to_payload(self) -> dict:
+    def to_payload(self, copy: bool = False, domain_weights: bool = True, stream_states: bool = True) -> dict:
         """Everything needed to continue exactly where we are: base model, domains, streams.
+
+        With `copy`, every array that learning changes is copied, so the payload can be written
+        by another thread while this one goes on learning (the base model never changes).
+        Without `domain_weights` and `stream_states`, the domains' weights and the streams' states
+        are left out, for state.Snapshot to copy them later, each before it changes.
 
         With a mixture also: which extra models and n-gram the state belongs to, each domain's
         adapted weights of every extra RNN, each stream's state per extra RNN and n-gram history."""
@@ -281,26 +358,36 @@ class Learner:
         payload = {
             "model": model_payload(self.model),
             "domains": {
-                name: {"weights": weights_to_tensors(d.weights), "updates": d.updates, "skipped": d.skipped,
-                       "tally": _tally_state(d.tally)}
+                name: {**(self.weights_payload(d, copy) if domain_weights else {}), "updates": d.updates,
+                       "skipped": d.skipped, "tally": _tally_state(d.tally), **({"owner": d.owner} if d.owner else {})}
                 for name, d in self.domains.items()
             },
             "streams": [
-                {"domain": dom, "stream": name, "tally": _tally_state(s.tally), **_state_tensors(s.state)}
+                {"domain": dom, "stream": name, "tally": _tally_state(s.tally)}
                 for (dom, name), s in self.streams.items()
             ],
+            # Row i is streams[i]'s state: a few big tensors instead of four per stream, which
+            # would make the snapshot and the write (one Python call per tensor) take seconds.
             "evicted": dict(self.evicted),
         }
+        if stream_states:
+            payload["stream_states"] = stacked_states([s.state for s in self.streams.values()], self.model, self.rule)
         if combination is not None:
             payload["components"] = [dict(p) for p in combination.fingerprints]
             for name, d in self.domains.items():
-                payload["domains"][name].update(extra_weights=[weights_to_tensors(w) for w in d.extra],
-                                                rnn_loss_nats=d.rnn_loss)
+                payload["domains"][name]["rnn_loss_nats"] = d.rnn_loss
             for entry, s in zip(payload["streams"], self.streams.values()):
-                entry["extra_states"] = [_state_tensors(state) for state in s.extra]
+                entry["extra_states"] = [_state_tensors(state, copy) for state in s.extra]
                 if s.history is not None:
                     entry["ngram_history"] = torch.tensor(combination.saved_history(s.history), dtype=torch.int64)
         return payload
+
+    def weights_payload(self, domain: Domain, copy: bool) -> dict:
+        """A domain's adapted weights (and with a mixture, each extra RNN's) as a checkpoint holds them."""
+        entry = {"weights": weights_to_tensors(domain.weights, copy)}
+        if self.combination is not None:
+            entry["extra_weights"] = [weights_to_tensors(w, copy) for w in domain.extra]
+        return entry
 
     def restore(self, payload: dict, where: str) -> None:
         """Take the domains and streams of a saved state (its base model must be ours).
@@ -319,15 +406,20 @@ class Learner:
                 weights = _weights_for(self.model, d["weights"], where)
                 updates, skipped = _count(d["updates"], where), _count(d["skipped"], where)
                 domains[name] = domain = Domain(weights, updates, skipped, _tally_from(d["tally"], where))
+                owner = d.get("owner")
+                if owner is not None and not isinstance(owner, str):
+                    raise CheckpointError(f"{where}: a domain's owner is not a key name")
+                domain.owner = owner
                 if combination is not None:
                     saved = _list_of(d["extra_weights"], len(extras), "extra models' weights", where)
                     domain.extra = [_weights_for(m, w, where) for m, w in zip(extras, saved)]
                     domain.rnn_loss = _tally_from({"loss_nats": d["rnn_loss_nats"]}, where, ("loss_nats",)).loss_nats
-            for s in payload["streams"]:
+            rows = _rows_of(payload.get("stream_states"), len(payload["streams"]), where)
+            for i, s in enumerate(payload["streams"]):
+                if rows is not None:
+                    s = {**s, **{k: rows[k][i] for k in STATE_DTYPES}}
                 _check_name(s["domain"], "domain", where)
                 _check_name(s["stream"], "stream", where)
-                if s["domain"] not in domains:
-                    raise CheckpointError(f"{where}: a stream of domain {s['domain']!r}, which the file does not hold")
                 stream = Stream(self._state_from(self.model, s, where), _tally_from(s["tally"], where))
                 if combination is not None:
                     saved = _list_of(s["extra_states"], len(extras), "extra models' stream states", where)
@@ -341,7 +433,7 @@ class Learner:
             evicted = {k: _count(v, where) for k, v in payload.get("evicted", {}).items() if k in self.evicted}
         except CheckpointError:
             raise
-        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, OverflowError) as err:
+        except Exception as err:  # any field of the wrong kind or shape: a damaged file, never a crash
             raise CheckpointError(f"{where}: damaged daemon state ({type(err).__name__}: {err})") from None
         while len(streams) > self.max_streams:  # a smaller --max-streams than the saved state had
             streams.popitem(last=False)
@@ -363,11 +455,32 @@ class Learner:
 
 
 def base_model_of(payload: dict, where: str) -> RNNLM:
-    return model_from_payload(payload["model"], where)
+    return model_from_payload(payload.get("model") if isinstance(payload, dict) else None, where)
 
 
-def _state_tensors(state: StreamState) -> dict:
-    return {k: torch.from_numpy(getattr(state, k)) for k in STATE_DTYPES}
+def stacked_states(states: list[StreamState], model: RNNLM, rule: OnlineRule) -> dict:
+    """The streams' states, one tensor per field with a row per stream (always a copy)."""
+    if not states:
+        empty = model.new_state(rule)
+        return {k: torch.from_numpy(np.zeros((0, *getattr(empty, k).shape), dtype=getattr(empty, k).dtype))
+                for k in STATE_DTYPES}
+    return {k: torch.from_numpy(np.stack([getattr(s, k) for s in states])) for k in STATE_DTYPES}
+
+
+def _rows_of(stacked, count: int, where: str) -> dict | None:
+    """The stacked stream states of a file, checked to hold one row per stream (None: a file
+    written before they were stacked keeps each stream's tensors in its own entry)."""
+    if stacked is None:
+        return None
+    if not isinstance(stacked, dict) or not all(
+            isinstance(stacked.get(k), torch.Tensor) and stacked[k].dim() >= 1 and stacked[k].shape[0] == count
+            for k in STATE_DTYPES):
+        raise CheckpointError(f"{where}: the stream states are not tensors with one row per stream ({count})")
+    return stacked
+
+
+def _state_tensors(state: StreamState, copy: bool = False) -> dict:
+    return {k: torch.from_numpy(getattr(state, k).copy() if copy else getattr(state, k)) for k in STATE_DTYPES}
 
 
 def _weights_for(model: RNNLM, tensors, where: str) -> Weights:
@@ -407,14 +520,7 @@ def _check_name(name, what: str, where: str) -> None:
 
 
 def _check_stream_state(state: StreamState, vocab_size: int, where: str) -> None:
-    """Word ids index the weight matrices unchecked in the compiled step: they must be in range."""
-    window = state.window
-    ok = (np.all((state.inputs >= 0) & (state.inputs < vocab_size))
-          and 0 <= state.meta[kernels.LAST_WORD] < vocab_size
-          and 0 <= state.meta[kernels.PENDING] <= window and 0 <= state.meta[kernels.FILLED] <= window
-          and np.isfinite(state.hidden).all() and np.isfinite(state.errors).all())
-    if not ok:
-        raise CheckpointError(f"{where}: a stream's state holds word ids outside the vocabulary or values out of range")
+    check_stream_arrays(state.inputs, state.meta, state.hidden, state.errors, vocab_size, where)
 
 
 def message_words(request: Request) -> list[str]:

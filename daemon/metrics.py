@@ -10,10 +10,14 @@ The running-perplexity gauge is for display.
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
+from http.server import ThreadingHTTPServer
 
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector,
-                               ProcessCollector, start_http_server)
+                               ProcessCollector)
+from prometheus_client.exposition import MetricsHandler
 
 from .protocol import LIMITS
 
@@ -50,14 +54,17 @@ class Metrics:
         self.evicted = Counter(f"{PREFIX}_streams_evicted", "Streams dropped to bound memory, by reason (lru, idle).",
                                ["reason"], registry=r)
         self.domains = Gauge(f"{PREFIX}_domains_active", "Domains with their own adapted weights.", registry=r)
-        self.checkpoints = Counter(f"{PREFIX}_checkpoints", "Checkpoints written, by outcome.", ["outcome"], registry=r)
+        self.domains_expired = Counter(f"{PREFIX}_domains_expired", "Domains dropped after --domain-idle-seconds "
+                                       "without a message (checkpointed first).", registry=r)
+        self.checkpoints = Counter(f"{PREFIX}_checkpoints", "Checkpoint writes, by outcome (ok, failed: e.g. disk "
+                                   "full; retried with a growing pause).", ["outcome"], registry=r)
         self.last_checkpoint = Gauge(f"{PREFIX}_last_checkpoint_timestamp_seconds", "Unix time of the last checkpoint.", registry=r)
         self.checkpoint_age = Gauge(f"{PREFIX}_checkpoint_age_seconds", "Seconds since the last checkpoint (or since start).", registry=r)
         self.info = Info(f"{PREFIX}_model", "The model being served.", registry=r)
         self._last_checkpoint_time = time.time()
         self._children: dict = {}
         self.checkpoint_age.set_function(lambda: time.time() - self._last_checkpoint_time)
-        for outcome in ("ok", "error"):
+        for outcome in ("ok", "failed"):
             self.checkpoints.labels(outcome)
         # Trust: limits, authentication, the base model's shadow and the adaptation guard.
         self.limits = Counter(f"{PREFIX}_limits_hit", "Times a configured bound was hit, by limit "
@@ -86,7 +93,7 @@ class Metrics:
         return child
 
     def checkpointed(self, ok: bool) -> None:
-        self.checkpoints.labels("ok" if ok else "error").inc()
+        self.checkpoints.labels("ok" if ok else "failed").inc()
         if ok:
             self._last_checkpoint_time = time.time()
             self.last_checkpoint.set(self._last_checkpoint_time)
@@ -96,5 +103,40 @@ class Metrics:
         host, _, port = addr.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"--metrics-addr must be HOST:PORT, got {addr!r}")
-        server, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
+        server = BoundedHTTPServer((host.strip("[]"), int(port)), MetricsHandler.factory(self.registry))
+        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
         return server
+
+
+HTTP_CONNECTIONS = 8  # connections served at once; more are closed at once
+HTTP_TIMEOUT_SECONDS = 5.0  # a connection that sends nothing (or stops reading) for this long is closed
+
+
+class BoundedHTTPServer(ThreadingHTTPServer):
+    """The /metrics endpoint with a thread per connection, but at most HTTP_CONNECTIONS of them,
+    each given HTTP_TIMEOUT_SECONDS between bytes: half-open or slow connections cannot pile up
+    threads, and once they time out a scrape gets through again."""
+
+    daemon_threads = True
+
+    def __init__(self, address, handler):
+        self.address_family = socket.getaddrinfo(address[0], address[1], type=socket.SOCK_STREAM)[0][0]
+        handler.timeout = HTTP_TIMEOUT_SECONDS  # StreamRequestHandler puts it on the socket
+        self.slots = threading.BoundedSemaphore(HTTP_CONNECTIONS)
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)  # over the cap: closed, the client may try again
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()

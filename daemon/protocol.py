@@ -9,18 +9,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import msgpack
+import zmq
 
 VERSION = 1
-OPS = ("score", "reset", "stats", "save", "ping", "info")
+OPS = ("score", "reset", "stats", "save", "ping", "info", "drop_domain")
 DATA_OPS = ("score",)  # the only op accepted on the fire-and-forget PULL socket
+ADMIN_OPS = ("save", "reset", "drop_domain")  # with --curve-admin-dir, only admin keys may send these
 DEFAULT_DOMAIN = "default"
 MAX_NAME = 128  # stream and domain names, in characters
 
 # The bounds a client can run into, each counted in rnnlm_limits_hit_total{limit=...} (a fixed set,
 # so the label stays bounded): error codes that mean a limit was hit, and the limits the server
 # meets on its own (the LRU stream bound, the in-hand queue).
-LIMIT_OF_CODE = {"message_too_large": "message_bytes", "too_many_tokens": "tokens", "too_many_domains": "domains"}
-LIMITS = ("message_bytes", "tokens", "streams", "domains", "pending")
+LIMIT_OF_CODE = {"message_too_large": "message_bytes", "too_many_tokens": "tokens", "too_many_domains": "domains",
+                 "memory_budget": "memory"}
+LIMITS = ("message_bytes", "tokens", "streams", "domains", "pending", "memory")
 
 
 class ProtocolError(Exception):
@@ -39,6 +42,64 @@ class Request:
     sentences: list[list[str]] | None = None  # score: words per sentence; `</s>` added to each
     tokens: list[str] | None = None  # score: tokens as given, nothing added
     learn: bool = True
+
+
+@dataclass
+class Received:
+    """One message as read from a socket: its first frames, and how many frames and bytes it had."""
+
+    frames: list[bytes]  # at most MAX_FRAMES; the rest were read and dropped
+    count: int
+    size: int
+    user: str | None = None  # with CURVE: the client's public key (Z85), as the ZAP handler named it
+
+
+# A request is one frame; on ROUTER it arrives behind the connection's identity and, from a REQ
+# client, an empty delimiter. Nothing longer is ever kept or echoed.
+MAX_FRAMES = 3
+
+
+def read_message(socket) -> Received | None:
+    """Read one whole message without blocking (None when nothing is waiting).
+
+    Frames past MAX_FRAMES are read and dropped one by one, so a message of many frames never
+    sits in our memory whole (each frame is bounded by ZMQ_MAXMSGSIZE)."""
+    try:
+        frame = socket.recv(zmq.NOBLOCK, copy=False)
+    except zmq.Again:
+        return None
+    received = Received([frame.bytes], 1, len(frame), _user_of(frame))
+    while frame.more:
+        frame = socket.recv(copy=False)  # ZeroMQ delivers a message whole: the rest is already here
+        received.count += 1
+        received.size += len(frame)
+        if received.count <= MAX_FRAMES:
+            received.frames.append(frame.bytes)
+    return received
+
+
+def _user_of(frame) -> str | None:
+    try:
+        return frame.get("User-Id") or None
+    except (zmq.ZMQError, KeyError):
+        return None
+
+
+def split_envelope(received: Received, from_router: bool) -> tuple[list[bytes], bytes]:
+    """The routing frames and the request frame; ProtocolError for any other shape.
+
+    ROUTER: the identity, at most one empty delimiter (a REQ client's), the request. PULL: the
+    request alone. The error reply to a bad shape goes back to the identity alone."""
+    frames = received.frames
+    if from_router:
+        ok = received.count == 2 or (received.count == 3 and frames[1] == b"")
+    else:
+        ok = received.count == 1
+    if not ok:
+        raise ProtocolError("bad_request", f"a request is one frame (after a REQ socket's empty delimiter); "
+                                           f"this message had {received.count - from_router} frames of "
+                                           f"{received.size} bytes in all")
+    return frames[:-1], frames[-1]
 
 
 def check_size(frame: bytes, max_bytes: int) -> None:
@@ -90,6 +151,8 @@ def parse(message: dict, max_tokens: int) -> Request:
     if op in ("score", "reset"):
         request.stream = _name(message, "stream", None)
         request.domain = _name(message, "domain", DEFAULT_DOMAIN)
+    if op == "drop_domain":
+        request.domain = _name(message, "domain", None)
     if op == "score":
         learn = message.get("learn", True)
         if not isinstance(learn, bool):

@@ -9,20 +9,22 @@ stops the intake; what is in hand is answered, a checkpoint is written, and the 
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import logging
 import math
 import os
 import signal
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
 
-from rnnlm.checkpoint import CheckpointError, VERSION, load_model, read_checked, write_atomic
 from rnnlm.bundled import DEFAULT_MODEL
+from rnnlm.checkpoint import CheckpointError, load_model
 from rnnlm.model import OnlineRule
 
 from . import protocol
@@ -30,13 +32,19 @@ from . import systemd
 from .auth import CurveServer
 from .combination import Combination, Parts, describe_components, same_components, saved_fingerprints
 from .guard import AdaptConfig
-from .learner import STATE_FORMAT, Learner, base_model_of, message_words, token_flags
+from .learner import Learner, MemoryBudget, message_words, token_flags
 from .metrics import Metrics
 from .protocol import ProtocolError
+from .state import CheckpointWriteError, StateStore
 
 log = logging.getLogger("rnnlm.daemon")
 
 RUN_TOKENS = 1024  # most tokens scored in one call for consecutive messages of a stream (bounds their latency)
+# Most seconds of handling per turn of the main loop: between turns the watchdog is pinged, the
+# sockets are read and pings answered, whatever the backlog (a message or run can overrun it by
+# its own time, bounded by --max-tokens and RUN_TOKENS).
+TURN_SECONDS = 0.25
+NO_DOMAIN = "_none"  # the domain label of `learn: false` scores against a domain that does not exist
 
 
 
@@ -61,6 +69,10 @@ class ServeConfig:
     max_in_hand: int = 1_000  # messages drained from the sockets before handling
     curve_secret_key: str | None = None  # the daemon's NAME.key_secret: CURVE on both sockets
     curve_authorized_dir: str | None = None  # public keys of the clients let in (ZAP)
+    curve_admin_dir: str | None = None  # public keys allowed the control ops (save, reset, drop_domain)
+    max_domains_per_key: int | None = None  # with CURVE: domains one client key may create
+    domain_idle_seconds: float = 0.0  # drop a domain after this long without a message (0: never)
+    max_memory_mb: float | None = None  # refuse new domains, cap streams, to stay within this
     decay_to_base: float = 0.0  # adaptation guard (guard.py): all off by default
     shadow_sample: float = 0.0
     guard_margin: float | None = None
@@ -74,7 +86,7 @@ class ServeConfig:
 class Message:
     """One message taken from a socket, parsed (or refused) and waiting for its answer."""
 
-    frames: list[bytes]  # the last is the request; the ones before it route the reply
+    envelope: list[bytes]  # the frames that route the reply (ROUTER's identity, a REQ's empty delimiter)
     fire_and_forget: bool  # from the PULL socket: handled and counted, never answered
     start: float  # when parsing began
     op: str = "invalid"
@@ -82,20 +94,34 @@ class Message:
     request: protocol.Request | None = None
     failure: tuple[dict, str] | None = None  # the error reply and its code, when it could not be parsed
     parsed: float = 0.0  # seconds spent parsing
+    user: str | None = None  # with CURVE: the client's public key (Z85)
+
+    @property
+    def peer(self) -> bytes | None:
+        """The ROUTER identity of the connection it came on (None for PULL)."""
+        return None if self.fire_and_forget else self.envelope[0]
 
 
 class Server:
     def __init__(self, config: ServeConfig):
         self.config = config
         self.should_exit = False
+        self.reload_requested = False
         self.metrics = Metrics()
-        self.in_hand: deque = deque()
+        self.in_hand: deque[Message] = deque()
+        self.in_hand_of: Counter = Counter()  # messages in hand per ROUTER connection
         self.tokens_since_checkpoint = 0
+        self.changed_since_checkpoint = False  # anything a checkpoint holds changed (tokens, resets)
         self.last_checkpoint = time.monotonic()
-        self.checkpoint_seq = 0
         self.lru_evictions_reported = 0
         self.exit_code = 0
         self.curve: CurveServer | None = None
+        self.watchdog = systemd.Watchdog()  # WatchdogSec=: a wedged loop gets restarted
+        self.state = StateStore(config.state_dir, config.keep_checkpoints, self.metrics.checkpointed) if config.state_dir else None
+
+    @property
+    def checkpoint_seq(self) -> int:
+        return self.state.seq if self.state is not None else 0
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -109,8 +135,14 @@ class Server:
 
     def startup(self) -> None:
         cfg = self.config
+        return_big_blocks_to_the_system()
         self.learner = self.load_learner()
         self.learner.warm_up()
+        self.set_memory_budget()
+        # Everything loaded so far (torch, numba, the model) lives as long as the process: kept out
+        # of the collector's full passes, which otherwise walk it all and pause the loop for
+        # hundreds of milliseconds whenever enough new objects (a snapshot's) have piled up.
+        gc.freeze()
         model = self.learner.model
         components = self.components()
         self.metrics.info.info({k: str(v) for k, v in {
@@ -118,7 +150,8 @@ class Server:
             "components": ", ".join(f"{c['name']} ({c['kind']})" for c in components),
             "weights": ",".join(f"{c['weight']:.6g}" for c in components)}.items()})
         self.ctx = zmq.Context()
-        self.curve = (CurveServer(self.ctx, cfg.curve_secret_key, cfg.curve_authorized_dir, self.metrics.handshake_failures)
+        self.curve = (CurveServer(self.ctx, cfg.curve_secret_key, cfg.curve_authorized_dir, self.metrics.handshake_failures,
+                                  cfg.curve_admin_dir)
                       if cfg.curve_secret_key else None)
         self.router = self.bind(zmq.ROUTER, cfg.bind)
         self.pull = self.bind(zmq.PULL, cfg.pull_bind) if cfg.pull_bind else None
@@ -129,6 +162,7 @@ class Server:
         self.http = self.metrics.serve(cfg.metrics_addr)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.handle_exit)
+        signal.signal(signal.SIGHUP, self.handle_reload)
         endpoints = {
             "endpoint": self.router.getsockopt_string(zmq.LAST_ENDPOINT),
             "pull_endpoint": self.pull.getsockopt_string(zmq.LAST_ENDPOINT) if self.pull else None,
@@ -141,6 +175,23 @@ class Server:
         log.info("ready: %s; metrics %s; model %s (%s)", endpoints["endpoint"], endpoints["metrics"],
                  cfg.model or "bundled default", ", ".join(f"{k} {v}" for k, v in model.describe().items()))
         systemd.notify("READY=1")  # Type=notify: the model is loaded and every socket is bound
+
+    def set_memory_budget(self) -> None:
+        """--max-memory-mb: the process as loaded, plus what the in-hand queue may hold, is fixed;
+        what is left goes to domains and streams at their worst-case costs."""
+        cfg = self.config
+        if cfg.max_memory_mb is None:
+            return
+        per_domain, per_stream = MemoryBudget.costs(self.learner)
+        in_hand = cfg.max_in_hand * cfg.max_message_bytes
+        fixed = rss_bytes() + in_hand - (len(self.learner.domains) * per_domain + len(self.learner.streams) * per_stream)
+        budget = MemoryBudget(cfg.max_memory_mb, fixed, per_domain, per_stream)
+        if not budget.room_for(max(len(self.learner.domains), 1), len(self.learner.streams)):
+            raise ValueError(f"--max-memory-mb {cfg.max_memory_mb:g} leaves no room for a domain: "
+                             f"{budget.describe()}, {in_hand / 2 ** 20:.0f} MB for messages in hand")
+        self.learner.budget = budget
+        log.info("memory budget %g MB: %s, %.0f MB for messages in hand", cfg.max_memory_mb, budget.describe(),
+                 in_hand / 2 ** 20)
 
     def bind(self, kind: int, endpoint: str) -> zmq.Socket:
         socket = self.ctx.socket(kind)
@@ -161,28 +212,50 @@ class Server:
         log.info("received %s: finishing what is in hand", signal.Signals(signum).name)
         self.should_exit = True
 
+    def handle_reload(self, signum, frame) -> None:
+        self.reload_requested = True  # acted on in the main loop, not inside the signal handler
+
+    def reload(self) -> None:
+        self.reload_requested = False
+        if self.curve is None:
+            log.info("received SIGHUP: nothing to reload (CURVE is off)")
+            return
+        try:
+            self.curve.reload()
+        except Exception as err:  # a bad key directory keeps the keys in force
+            log.error("received SIGHUP: could not reload the client keys, keeping the ones in force: %s", err)
+
     def main_loop(self) -> None:
-        next_sweep = time.monotonic() + 10.0
-        watchdog = systemd.Watchdog()  # WatchdogSec=: a wedged loop gets restarted
+        cfg = self.config
+        # idle streams and domains are looked for every 10 s, or more often for shorter idle limits
+        sweep_every = min(10.0, cfg.stream_idle_seconds / 2, (cfg.domain_idle_seconds or 20.0) / 2)
+        next_sweep = time.monotonic() + sweep_every
         while not self.should_exit:
-            watchdog.ping()
-            ready = dict(self.poller.poll(100))
-            self.receive(ready)
-            self.handle_in_hand()
+            self.watchdog.ping()
+            if self.reload_requested:
+                self.reload()
+            self.poller.poll(0 if self.in_hand else 100)
+            self.receive()
+            self.handle_in_hand(TURN_SECONDS)
             self.maybe_checkpoint()
             if time.monotonic() >= next_sweep:
                 self.metrics.evicted.labels("idle").inc(self.learner.expire_idle())
-                next_sweep = time.monotonic() + 10.0
+                self.expire_domains()
+                next_sweep = time.monotonic() + sweep_every
             self.update_gauges()
 
     def shutdown(self) -> None:
         systemd.notify("STOPPING=1")
         # Answer what has already arrived, then stop.
-        self.receive({self.router: zmq.POLLIN, **({self.pull: zmq.POLLIN} if self.pull else {})})
-        self.handle_in_hand()
+        self.receive()
+        while self.in_hand:
+            self.handle_in_hand(TURN_SECONDS)
+            self.watchdog.ping()
         try:
-            if self.config.state_dir and self.checkpoint("shutdown") is None:
-                self.exit_code = 1
+            if self.state is not None:
+                self.write_checkpoint("shutdown")
+        except CheckpointWriteError:
+            self.exit_code = 1  # the state since the last checkpoint is lost; the log said why
         finally:
             if self.curve is not None:
                 self.curve.stop()
@@ -195,29 +268,42 @@ class Server:
 
     # --- messages ------------------------------------------------------------------------------
 
-    def receive(self, ready: dict) -> None:
-        for socket in (self.router, self.pull):
-            if socket is None or socket not in ready:
-                continue
-            while len(self.in_hand) < self.config.max_in_hand:
-                try:
-                    frames = socket.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                self.in_hand.append((socket, frames))
-            if len(self.in_hand) >= self.config.max_in_hand and socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                self.metrics.limits.labels("pending").inc()  # the rest waits in ZeroMQ's queue (RCVHWM)
+    def receive(self) -> None:
+        """Take what has arrived into the in-hand queue: one message from each socket in turn, so a
+        backlog on one cannot starve the other, until the queue holds --max-pending messages.
+
+        A ping whose connection has nothing else in hand is answered at once: its reply cannot
+        overtake one of that connection's, and a liveness probe gets it whatever the backlog."""
+        sockets = [s for s in (self.router, self.pull) if s is not None]
+        reads = 0
+        while sockets and len(self.in_hand) < self.config.max_in_hand and reads < 4 * self.config.max_in_hand:
+            for socket in list(sockets):
+                received = protocol.read_message(socket)
+                if received is None:
+                    sockets.remove(socket)
+                    continue
+                reads += 1
+                message = self.parse(socket, received)
+                if message.op == "ping" and message.failure is None and not self.in_hand_of[message.peer]:
+                    self.answer(message, self.op_ping(message.request), "ok", message.parsed)
+                    continue
+                self.in_hand.append(message)
+                self.in_hand_of[message.peer] += 1
+        if len(self.in_hand) >= self.config.max_in_hand and any(
+                s is not None and s.getsockopt(zmq.EVENTS) & zmq.POLLIN for s in (self.router, self.pull)):
+            self.metrics.limits.labels("pending").inc()  # the rest waits in ZeroMQ's queue (RCVHWM)
         self.metrics.queue_depth.set(len(self.in_hand))
 
-    def handle_in_hand(self) -> None:
-        """Answer every message in hand, in arrival order.
+    def handle_in_hand(self, budget: float) -> None:
+        """Answer messages in hand, in arrival order, for about `budget` seconds; the rest waits
+        for the next turn of the loop.
 
         Consecutive score messages of one stream go through the online step in one call (see
         `next_run`); each still gets its own reply and metrics, with the same numbers as if it had
         been scored alone."""
-        messages = deque(self.parse(socket, frames) for socket, frames in self.in_hand)
-        self.in_hand.clear()
-        while messages:
+        deadline = time.perf_counter() + budget
+        messages = self.in_hand
+        while messages and time.perf_counter() < deadline:
             run = self.next_run(messages)
             if len(run) == 1:
                 start = time.perf_counter()
@@ -225,8 +311,13 @@ class Server:
                 self.answer(run[0], reply, outcome, run[0].parsed + time.perf_counter() - start)
             else:
                 self.answer_run(run)
-            self.maybe_checkpoint()  # after each call: a crash loses at most --checkpoint-tokens + one message
-        self.metrics.queue_depth.set(0)
+            for message in run:
+                self.in_hand_of[message.peer] -= 1
+                if not self.in_hand_of[message.peer]:
+                    del self.in_hand_of[message.peer]
+            self.maybe_checkpoint()
+            self.watchdog.ping()
+        self.metrics.queue_depth.set(len(messages))
 
     def next_run(self, messages: deque) -> list[Message]:
         """Take the next message, and the score messages right behind it that can share its call.
@@ -250,10 +341,12 @@ class Server:
             tokens += n
         return run
 
-    def parse(self, socket: zmq.Socket, frames: list[bytes]) -> Message:
-        message = Message(frames, socket is self.pull, time.perf_counter())
+    def parse(self, socket: zmq.Socket, received: protocol.Received) -> Message:
+        from_pull = socket is self.pull
+        start = time.perf_counter()
+        message = Message(received.frames[:1] if not from_pull else [], from_pull, start, user=received.user)
         try:
-            frame = frames[-1]
+            message.envelope, frame = protocol.split_envelope(received, from_router=not from_pull)
             protocol.check_size(frame, self.config.max_message_bytes)
             decoded = protocol.decode(frame)
             message.rid = protocol.request_id(decoded)
@@ -264,7 +357,7 @@ class Server:
         except Exception as err:
             message.request = None
             message.failure = self.failure(message, err)
-        message.parsed = time.perf_counter() - message.start
+        message.parsed = time.perf_counter() - start
         return message
 
     def execute(self, message: Message) -> tuple[dict, str]:
@@ -272,14 +365,22 @@ class Server:
         if message.failure is not None:
             return message.failure
         try:
+            self.check_allowed(message)
+            if message.op == "score":
+                return self.op_score(message.request, message.user), "ok"
             return getattr(self, f"op_{message.op}")(message.request), "ok"
         except Exception as err:
             return self.failure(message, err)
 
+    def check_allowed(self, message: Message) -> None:
+        if message.op in protocol.ADMIN_OPS and self.curve is not None and not self.curve.is_admin(message.user):
+            raise ProtocolError("forbidden", f"'{message.op}' is a control op, allowed only to the keys in "
+                                             "--curve-admin-dir")
+
     def answer_run(self, run: list[Message]) -> None:
         start = time.perf_counter()
         try:
-            results = self.learner.score_run([m.request for m in run])
+            results = self.learner.score_run([m.request for m in run], run[0].user)
             self.metrics.step_calls.inc()
             outcomes = [(self.score_reply(m.request, r), "ok") for m, r in zip(run, results)]
         except Exception as err:  # e.g. too_many_domains: each message would have got the same answer
@@ -304,16 +405,18 @@ class Server:
         m.child(m.messages, "pull" if message.fire_and_forget else "router", message.op, outcome).inc()
         m.child(m.duration, message.op).observe(seconds)
         if not message.fire_and_forget:
-            self.router.send_multipart([*message.frames[:-1], protocol.encode(reply)])
+            self.router.send_multipart([*message.envelope, protocol.encode(reply)])
 
-    def op_score(self, request: protocol.Request) -> dict:
-        result = self.learner.score(request)
+    def op_score(self, request: protocol.Request, owner: str | None = None) -> dict:
+        result = self.learner.score(request, owner)
         self.metrics.step_calls.inc()
         return self.score_reply(request, result)
 
     def score_reply(self, request: protocol.Request, result) -> dict:
         """The reply to one scored message, and its metrics."""
-        m, d = self.metrics, request.domain
+        m = self.metrics
+        # a `learn: false` score of a domain that does not exist is not one: one label for them all
+        d = request.domain if request.domain in self.learner.domains else NO_DOMAIN
         n, loss = len(result.words), -float(result.logprobs.sum())
         mixture = {}
         if result.rnn_logprobs is not None:
@@ -357,17 +460,28 @@ class Server:
         )
 
     def op_reset(self, request: protocol.Request) -> dict:
-        return protocol.ok(request.id, existed=self.learner.reset(request.domain, request.stream))
+        existed = self.learner.reset(request.domain, request.stream)
+        self.changed_since_checkpoint |= existed
+        return protocol.ok(request.id, existed=existed)
+
+    def op_drop_domain(self, request: protocol.Request) -> dict:
+        existed = self.learner.drop_domain(request.domain)
+        self.changed_since_checkpoint |= existed
+        if existed:
+            log.info("domain %r dropped on request", request.domain)
+        return protocol.ok(request.id, existed=existed)
 
     def op_stats(self, request: protocol.Request) -> dict:
         return protocol.ok(request.id, **self.learner.stats(), seconds_since_checkpoint=time.monotonic() - self.last_checkpoint)
 
     def op_save(self, request: protocol.Request) -> dict:
-        if not self.config.state_dir:
+        if self.state is None:
             raise ProtocolError("no_state_dir", "the daemon runs without --state-dir, so there is nowhere to save")
-        path = self.checkpoint("requested")
-        if path is None:
-            raise ProtocolError("checkpoint_failed", "the checkpoint could not be written; see the daemon's log")
+        try:
+            path = self.write_checkpoint("requested")
+        except CheckpointWriteError as err:
+            raise ProtocolError("checkpoint_failed", f"the checkpoint could not be written ({err}); the older "
+                                "checkpoints are kept and the daemon goes on serving") from None
         return protocol.ok(request.id, path=str(path))
 
     def op_ping(self, request: protocol.Request) -> dict:
@@ -386,14 +500,29 @@ class Server:
             return [{"name": self.config.model or "bundled default", "kind": "rnn", "weight": 1.0}]
         return self.learner.combination.describe()
 
+    def expire_domains(self) -> None:
+        """Drop the domains idle for --domain-idle-seconds, after a checkpoint that holds them (none
+        is dropped while checkpoints fail: their adaptation would be lost for good)."""
+        seconds = self.config.domain_idle_seconds
+        idle = self.learner.idle_domains(seconds) if seconds else []
+        if not idle:
+            return
+        if self.state is not None:
+            try:
+                path = self.write_checkpoint("before expiring idle domains")
+            except CheckpointWriteError:
+                return
+            log.info("expiring %d domain(s) idle for %.0f s: %s (their last state is in %s)",
+                     len(idle), seconds, ", ".join(map(repr, idle)), path)
+        for name in idle:
+            self.learner.drop_domain(name)
+        self.changed_since_checkpoint = True
+        self.metrics.domains_expired.inc(len(idle))
+
     # --- state ---------------------------------------------------------------------------------
 
     def load_learner(self) -> Learner:
-        """Resume from the newest checkpoint that is whole and valid, else start from the model.
-
-        A damaged or tampered file is skipped for the one before it; if there are checkpoints and
-        none can be used, the daemon refuses to start rather than silently forget (and later rotate
-        away) the state they hold."""
+        """Resume from the newest checkpoint that is whole and valid (state.py), else start from the model."""
         cfg = self.config
         rule = OnlineRule(lr=cfg.lr, learn=cfg.learn)
         adapt = AdaptConfig(cfg.decay_to_base, cfg.shadow_sample, cfg.guard_margin, cfg.guard_window)
@@ -406,83 +535,76 @@ class Server:
 
         def new_learner(model) -> Learner:
             combination = Combination(model, cfg.model or "bundled default", parts) if parts is not None else None
-            return Learner(model, rule, cfg.max_streams, cfg.max_domains, cfg.stream_idle_seconds, adapt, combination)
+            return Learner(model, rule, cfg.max_streams, cfg.max_domains, cfg.stream_idle_seconds, adapt, combination,
+                           cfg.max_domains_per_key)
 
-        self.remove_temporary_files()
-        files = self.checkpoint_files()
-        given = load_model(cfg.model) if cfg.model is not None and files else None
-        for path in reversed(files):
-            try:
-                payload = read_checked(path, STATE_FORMAT)
-                model = base_model_of(payload, str(path))
-                saved = saved_fingerprints(payload, str(path))
-            except CheckpointError as err:
-                log.warning("skipping %s", err)
-                continue
+        given = load_model(cfg.model) if cfg.model is not None and self.state is not None and self.state.files() else None
+
+        def accept(payload: dict, path: Path, model) -> None:
+            """A valid file of another set-up stops the start: skipping it would lose its state."""
             if given is not None and not same_model(model, given):
                 raise CheckpointError(f"{path} continues a different model than {cfg.model}; "
                                       "use another --state-dir to start fresh")
+            saved = saved_fingerprints(payload, str(path))
             if not same_components(saved, ours):
                 raise CheckpointError(f"{path} holds the state of a daemon combining {describe_components(saved)}, "
                                       f"but this one combines {describe_components(ours)}: restart with the same "
                                       "--extra-model and --ngram files (in the same order), or use another "
                                       "--state-dir to start fresh")
-            learner = new_learner(model)
-            try:
-                learner.restore(payload, str(path))
-            except CheckpointError as err:
-                log.warning("skipping %s", err)
-                continue
-            self.checkpoint_seq = int(files[-1].stem.split("-")[-1])  # never reuse a damaged file's name
-            log.info("resumed from %s: %d domain(s), %d stream(s)", path, len(learner.domains), len(learner.streams))
-            return learner
-        if files:
-            raise CheckpointError(f"{cfg.state_dir}: none of its {len(files)} checkpoint file(s) can be used (see the "
-                                  "warnings above); move them away to start afresh from the model")
-        return new_learner(load_model(cfg.model or DEFAULT_MODEL))
 
-    def remove_temporary_files(self) -> None:
-        """A checkpoint being written when the process was killed leaves its temporary file."""
-        if self.config.state_dir:
-            for tmp in Path(self.config.state_dir).glob(".state-*.tmp"):
-                log.info("removing %s, left by an interrupted checkpoint", tmp)
-                tmp.unlink(missing_ok=True)
-
-    def checkpoint_files(self) -> list[Path]:
-        if not self.config.state_dir:
-            return []
-        return sorted(Path(self.config.state_dir).glob("state-*.pt"))
+        learner = self.state.resume(new_learner, accept) if self.state is not None else None
+        return learner or new_learner(load_model(cfg.model or DEFAULT_MODEL))
 
     def maybe_checkpoint(self) -> None:
-        if self.checkpoint_due(self.tokens_since_checkpoint):
-            self.checkpoint("scheduled")
+        """Collect a finished write; start one when due, in the background.
+
+        A checkpoint due while one is still being written waits for it, so a crash loses at most
+        two --checkpoint-tokens' worth of updates (and one message)."""
+        if self.state is None:
+            return
+        self.state.poll()
+        if not self.checkpoint_due(self.tokens_since_checkpoint):
+            return
+        if self.state.busy:
+            if self.tokens_since_checkpoint < self.config.checkpoint_tokens:
+                return  # due by time only: the next turn will do
+            self.state.finish()
+        self.start_checkpoint("scheduled")
 
     def checkpoint_due(self, tokens_since_checkpoint: int) -> bool:
         cfg = self.config
-        if not cfg.state_dir or not tokens_since_checkpoint:
+        if self.state is None:
+            return False
+        if self.state.failures:  # the last write failed, its changes are unsaved: try again after the pause
+            return self.state.may_retry()
+        if not (tokens_since_checkpoint or self.changed_since_checkpoint):
             return False
         return (tokens_since_checkpoint >= cfg.checkpoint_tokens
                 or time.monotonic() - self.last_checkpoint >= cfg.checkpoint_seconds)
 
-    def checkpoint(self, why: str) -> Path | None:
-        if not self.config.state_dir:
-            return None
-        self.checkpoint_seq += 1
-        path = Path(self.config.state_dir) / f"state-{self.checkpoint_seq:08d}.pt"
-        start = time.perf_counter()
-        try:
-            write_atomic(path, {"format": STATE_FORMAT, "version": VERSION, **self.learner.to_payload()})
-        except OSError as err:
-            self.metrics.checkpointed(False)
-            log.error("checkpoint failed: %s", err)
-            return None
-        self.metrics.checkpointed(True)
+    def start_checkpoint(self, why: str) -> None:
+        self.state.begin(self.learner, why)
         self.tokens_since_checkpoint = 0
+        self.changed_since_checkpoint = False
         self.last_checkpoint = time.monotonic()
-        for old in self.checkpoint_files()[:-self.config.keep_checkpoints]:
-            old.unlink(missing_ok=True)
-        log.info("checkpoint %s (%s, %.0f ms)", path, why, 1000 * (time.perf_counter() - start))
-        return path
+
+    def write_checkpoint(self, why: str) -> Path:
+        """Write a checkpoint now and wait for it (after the one in flight); CheckpointWriteError if it fails.
+
+        With nothing changed since the newest checkpoint of this run, that one is the answer: ten
+        pipelined `save`s cost one write."""
+        state = self.state
+        if state.busy:
+            state.finish()
+        if state.last_path is not None and not state.failures and not (
+                self.tokens_since_checkpoint or self.changed_since_checkpoint):
+            return state.last_path
+        tokens, changed = self.tokens_since_checkpoint, self.changed_since_checkpoint
+        self.start_checkpoint(why)
+        if state.finish() is None:
+            self.tokens_since_checkpoint, self.changed_since_checkpoint = tokens, True
+            raise CheckpointWriteError(state.last_error)
+        return state.last_path
 
     def update_gauges(self) -> None:
         self.metrics.streams.set(len(self.learner.streams))
@@ -504,6 +626,24 @@ def default_weights(extra_count: int, ngram: str | None, ngram_weight: float = 0
 def same_model(a, b) -> bool:
     return a.vocab.words == b.vocab.words and all(
         (x == y).all() for x, y in zip(a.weights.arrays().values(), b.weights.arrays().values()))
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def return_big_blocks_to_the_system() -> None:
+    """Fix glibc's mmap threshold at 1 MiB: big blocks (message frames, snapshot copies) then go
+    back to the system when freed. Left dynamic, glibc raises the threshold after the first such
+    free and keeps later ones in its heap, so RSS stays high after a burst of big messages."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
+
+
+M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
 
 
 def write_text_atomic(path: str, text: str) -> None:

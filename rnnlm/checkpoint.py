@@ -16,8 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import kernels
+from .corpus import EOS
 from .model import RNNLM, Config, Weights
-from .vocab import Vocabulary
+from .vocab import CLASS_RULES, RARE, Vocabulary
 
 MODEL_FORMAT = "rnnlm-model"
 VERSION = 1
@@ -122,8 +124,9 @@ def foreign_global(path: Path) -> str | None:
     return None
 
 
-def weights_to_tensors(weights: Weights) -> dict[str, torch.Tensor]:
-    return {name: torch.from_numpy(array) for name, array in weights.arrays().items()}
+def weights_to_tensors(weights: Weights, copy: bool = False) -> dict[str, torch.Tensor]:
+    """The weights as tensors sharing their memory, or (`copy`) holding a copy of it."""
+    return {name: torch.from_numpy(array.copy() if copy else array) for name, array in weights.arrays().items()}
 
 
 def weights_from_tensors(tensors: dict, vocab_size: int, hidden: int, classes: int, where: str) -> Weights:
@@ -149,13 +152,78 @@ def model_payload(model: RNNLM) -> dict:
 
 
 def model_from_payload(payload: dict, where: str) -> RNNLM:
+    """The model a file describes, once every invariant the compiled step relies on holds.
+
+    This is the one check of a model, whether it comes from a model file, a daemon's state or its
+    resume: the vocabulary's lists agree in length and hold what they must, the classes derived
+    from the counts cover exactly the ids of the vocabulary and match X, every weight has its
+    shape, dtype float32 and finite values. The step indexes the matrices unchecked, so anything
+    less could crash the process on the first word of a bad class; here it is a CheckpointError."""
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{where}: the model is not a map")
     try:
         config = Config.from_state(payload["config"])
+        _check_vocab_state(payload["vocab"])
         vocab = Vocabulary.from_state(payload["vocab"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{where}: damaged model description ({err})") from None
+    except CheckpointError as err:
+        raise CheckpointError(f"{where}: damaged vocabulary ({err})") from None
+    except Exception as err:  # any field of the wrong kind: a damaged file, never a crash
+        raise CheckpointError(f"{where}: damaged model description ({type(err).__name__}: {err})") from None
+    if isinstance(config.hidden, bool) or not isinstance(config.hidden, int) or not 1 <= config.hidden <= MAX_HIDDEN:
+        raise CheckpointError(f"{where}: hidden size {config.hidden!r} is not an integer from 1 to {MAX_HIDDEN}")
+    _check_classes(vocab, where)
     weights = weights_from_tensors(payload.get("weights"), len(vocab), config.hidden, vocab.num_classes, where)
     return RNNLM(config, vocab, weights)
+
+
+MAX_HIDDEN = 4096  # as `rnnlm train --hidden` allows
+
+
+def _check_vocab_state(state) -> None:
+    """The saved vocabulary's fields, before a Vocabulary is built from them."""
+    if not isinstance(state, dict):
+        raise CheckpointError("not a map")
+    words, counts, rare = state.get("words"), state.get("counts"), state.get("rare_words")
+    if not isinstance(words, list) or not words or not all(isinstance(w, str) and w for w in words):
+        raise CheckpointError("'words' is not a list of non-empty strings")
+    if len(set(words)) != len(words):
+        raise CheckpointError("'words' holds a word twice")
+    if RARE not in words or EOS not in words:
+        raise CheckpointError(f"'words' lacks {RARE} or {EOS}")
+    if not isinstance(counts, list) or len(counts) != len(words):
+        raise CheckpointError(f"'counts' is not a list of one count per word ({len(words)})")
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts):
+        raise CheckpointError("'counts' holds something other than non-negative integers")
+    if not isinstance(rare, list) or not all(isinstance(w, str) for w in rare) or set(rare) & set(words):
+        raise CheckpointError("'rare_words' is not a list of words outside the vocabulary")
+    classes = state.get("num_classes")
+    if isinstance(classes, bool) or not isinstance(classes, int) or not 1 <= classes <= len(words):
+        raise CheckpointError(f"'num_classes' {classes!r} is not an integer from 1 to the vocabulary size {len(words)}")
+    if state.get("class_rule", "frequency") not in CLASS_RULES:
+        raise CheckpointError(f"'class_rule' {state.get('class_rule')!r} is not one of {', '.join(CLASS_RULES)}")
+
+
+def _check_classes(vocab: Vocabulary, where: str) -> None:
+    """Classes are contiguous id ranges that cover exactly the vocabulary's ids, in order."""
+    v, c = len(vocab), vocab.num_classes
+    start, end, of = vocab.class_start, vocab.class_end, vocab.class_of
+    ok = (len(of) == v and len(start) == c and len(end) == c and c >= 1
+          and start[0] == 0 and end[-1] == v and np.all(start < end) and np.all(start[1:] == end[:-1])
+          and np.all((of >= 0) & (of < c)) and np.all(np.diff(of) >= 0))
+    if not ok:
+        raise CheckpointError(f"{where}: the word classes do not cover the vocabulary's {v} ids in {c} ranges")
+
+
+def check_stream_arrays(inputs: np.ndarray, meta: np.ndarray, hidden: np.ndarray, errors: np.ndarray,
+                        vocab_size: int, where: str) -> None:
+    """A saved stream state: word ids index the weight matrices unchecked in the compiled step."""
+    window = hidden.shape[0] - 1
+    ok = (np.all((inputs >= 0) & (inputs < vocab_size))
+          and 0 <= meta[kernels.LAST_WORD] < vocab_size
+          and 0 <= meta[kernels.PENDING] <= window and 0 <= meta[kernels.FILLED] <= window
+          and np.isfinite(hidden).all() and np.isfinite(errors).all())
+    if not ok:
+        raise CheckpointError(f"{where}: a stream's state holds word ids outside the vocabulary or values out of range")
 
 
 def save_model(model: RNNLM, path: str | Path) -> None:

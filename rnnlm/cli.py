@@ -320,6 +320,10 @@ def evaluate_static_parallel(model: RNNLM, lines: list[str], threads: int) -> Ta
 @click.option("--max-pending", default=1_000, show_default=True, type=click.IntRange(1), help="Messages taken from the sockets before they are handled; the rest wait in ZeroMQ's queues.")
 @click.option("--curve-secret-key", default=None, type=click.Path(dir_okay=False), help="The daemon's key pair (NAME.key_secret from `rnnlm keygen`): CURVE encryption on the request and ingest sockets.")
 @click.option("--curve-authorized-dir", default=None, type=click.Path(file_okay=False), help="Directory of the public keys (*.key) of the clients let in; every other client is refused.")
+@click.option("--curve-admin-dir", default=None, type=click.Path(file_okay=False), help="With CURVE: only the clients whose public keys (*.key) are here may send save, reset and drop_domain (they must be authorised too). SIGHUP rereads it.")
+@click.option("--max-domains-per-key", default=None, type=click.IntRange(1), help="With CURVE: domains one client key may create.")
+@click.option("--max-memory-mb", default=None, type=click.FloatRange(1), help="Refuse new domains (error memory_budget), and drop the least recently used streams, rather than grow past this; see the memory budget in the docs.")
+@click.option("--domain-idle-seconds", default=0.0, show_default=True, type=click.FloatRange(0), help="Drop a domain after this long without a message, after a checkpoint that holds it; 0 = never.")
 @click.option("--decay-to-base", default=0.0, show_default=True, type=click.FloatRange(0, 1), help="After each message learned from, w += λ(w_base - w) (Krause et al. 2018); 0 = off.")
 @click.option("--shadow-sample", default=0.0, show_default=True, type=click.FloatRange(0, 1), help="Fraction of score messages also scored by the base model, for the adapted-vs-base metrics; 0 = off.")
 @click.option("--guard-margin", default=None, type=click.FloatRange(0), help="Roll a domain back when its adapted perplexity on the sample exceeds the base model's by this fraction (0.1 = 10 %); needs --shadow-sample.")
@@ -333,7 +337,8 @@ def evaluate_static_parallel(model: RNNLM, lines: list[str], threads: int) -> Ta
 @friendly_errors
 def serve(model_file, bind, pull_bind, metrics_addr, state_dir, port_file, lr, no_learn, checkpoint_tokens,
           checkpoint_seconds, keep_checkpoints, max_streams, stream_idle_seconds, max_domains, max_tokens,
-          max_message_bytes, max_pending, curve_secret_key, curve_authorized_dir, decay_to_base, shadow_sample,
+          max_message_bytes, max_pending, curve_secret_key, curve_authorized_dir, curve_admin_dir, max_domains_per_key,
+          max_memory_mb, domain_idle_seconds, decay_to_base, shadow_sample,
           guard_margin, guard_window, extra_models, ngram_file, ngram_weight, weights_text, tune_file, log_level):
     """Run the daemon: score text streamed over ZeroMQ and keep learning from it.
 
@@ -351,6 +356,9 @@ def serve(model_file, bind, pull_bind, metrics_addr, state_dir, port_file, lr, n
 
     if (curve_secret_key is None) != (curve_authorized_dir is None):
         raise click.UsageError("--curve-secret-key and --curve-authorized-dir go together")
+    if curve_secret_key is None and (curve_admin_dir or max_domains_per_key):
+        raise click.UsageError("--curve-admin-dir and --max-domains-per-key tell clients apart by their CURVE keys: "
+                               "give --curve-secret-key and --curve-authorized-dir too")
     # Addresses first: a typo should be the one thing said, before any warning or model loading.
     _check_bindable("--bind", bind)
     if pull_bind:
@@ -387,6 +395,8 @@ def serve(model_file, bind, pull_bind, metrics_addr, state_dir, port_file, lr, n
                          stream_idle_seconds=stream_idle_seconds, max_domains=max_domains, max_tokens=max_tokens,
                          max_message_bytes=max_message_bytes, max_in_hand=max_pending,
                          curve_secret_key=curve_secret_key, curve_authorized_dir=curve_authorized_dir,
+                         curve_admin_dir=curve_admin_dir, max_domains_per_key=max_domains_per_key,
+                         domain_idle_seconds=domain_idle_seconds, max_memory_mb=max_memory_mb,
                          decay_to_base=decay_to_base, shadow_sample=shadow_sample, guard_margin=guard_margin,
                          guard_window=guard_window, extra_models=tuple(extra_models), ngram=ngram_file,
                          weights=weights)

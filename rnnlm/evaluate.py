@@ -42,7 +42,10 @@ class Tally:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(self.loss_nats / self.words) if self.words else float("nan")
+        if not self.words:
+            return float("nan")
+        mean = self.loss_nats / self.words
+        return math.exp(mean) if mean < 700 else math.inf  # exp overflows a float past ~709
 
     @property
     def entropy_bits(self) -> float:

@@ -17,6 +17,7 @@ import pytest
 from clients.client import Client
 from tests.daemon_helpers import Daemon, small_trained_model
 from tests.test_model import toy_text
+from tests.test_trust import keys  # noqa: F401 (a fixture)
 
 SOURCE = Path(__file__).resolve().parent.parent / "clients" / "c"
 APT_HINT = "apt-get install -y --no-install-recommends build-essential pkg-config libzmq3-dev libmsgpack-dev"
@@ -72,14 +73,18 @@ def test_c_client_scores_like_the_python_client(binary, model, tmp_path):
         assert rows[-1][3] == pytest.approx(math.exp(total_loss / words), rel=1e-9)  # a fresh stream: the same
         assert 1.0 < perplexity < 1e4
 
-        # The flags reach the daemon: a new domain, and nothing learned in it.
+        # The flags reach the daemon: a domain that does not exist, read without learning (so it is
+        # not created: its tokens are counted under the label of scores against no domain).
         done = run_client(binary, daemon.endpoint, LINES[:2], "--stream", "doc-2", "--domain", "legal", "--no-learn")
         assert done.returncode == 0, done.stderr
         _, _, legal_words = parse(done.stdout)
         with Client(daemon.endpoint) as client:
-            legal = client.stats()["domains"]["legal"]
-        assert legal["words"] == legal_words == 5 + 6
-        assert legal["updates"] == 0
+            assert "legal" not in client.stats()["domains"]
+        assert daemon.metric("rnnlm_tokens_total", domain="_none") == legal_words == 5 + 6
+        # learning, the domain is made
+        done = run_client(binary, daemon.endpoint, LINES[:2], "--stream", "doc-3", "--domain", "legal")
+        with Client(daemon.endpoint) as client:
+            assert client.stats()["domains"]["legal"]["updates"] == 5 + 6
 
     # The same lines from the Python client, on a fresh stream of a fresh daemon (learning as above).
     with Daemon(tmp_path, model) as fresh, Client(fresh.endpoint) as client:
@@ -112,3 +117,19 @@ def test_no_daemon_times_out_with_exit_status_2(binary):
     done = run_client(binary, endpoint, LINES, "--timeout", "0.5")
     assert done.returncode == 2
     assert "no reply" in done.stderr and done.stdout == ""
+
+
+def test_c_client_speaks_curve_to_a_curve_daemon(binary, model, tmp_path, keys):  # noqa: F811
+    k = keys / "keys"
+    with Daemon(tmp_path, model, "--curve-secret-key", k / "server.key_secret",
+                "--curve-authorized-dir", keys / "authorized") as daemon:
+        done = run_client(binary, daemon.endpoint, LINES, "--stream", "doc-1", "--curve-secret-key",
+                          str(k / "alice.key_secret"), "--curve-server-key", str(k / "server.key"))
+        assert done.returncode == 0, f"{done.stderr}\ndaemon log:\n{daemon.output()}"
+        rows, perplexity, words = parse(done.stdout)
+        assert [r[0] for r in rows] == [number for number, _ in SENT] and 1.0 < perplexity < 1e4
+        # without keys, and with a key the daemon does not know: no reply (the handshake fails)
+        for args in ((), ("--curve-secret-key", str(k / "mallory.key_secret"), "--curve-server-key", str(k / "server.key"))):
+            done = run_client(binary, daemon.endpoint, LINES, "--timeout", "1", *args)
+            assert done.returncode == 2 and "no reply" in done.stderr, done
+        assert daemon.stop() == 0

@@ -5,7 +5,9 @@ After every kill: every checkpoint file in the directory reads back whole and re
 torn file). After every restart: the daemon resumed exactly the newest checkpoint's weights (a
 probe's log-probabilities match the file's, computed here) and its update counter; that counter
 is at least the one of the last checkpoint known to be complete (a `save` reply), and at most
---checkpoint-tokens plus one message's tokens behind the last reply seen before the kill.
+twice --checkpoint-tokens plus one message's tokens behind the last reply seen before the kill
+(checkpoints are written in the background: the updates made while one is being written are lost
+with it, and a next one due before it is done waits for it).
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ def test_sigkill_twenty_times_loses_at_most_what_followed_the_last_checkpoint(tm
             assert updates >= known_saved, "a completed checkpoint was lost"
             loss = last_seen - updates
             worst_loss = max(worst_loss, loss)
-            assert loss < CHECKPOINT_TOKENS + max(max_tokens, 1), (loss, last_seen, updates)
+            assert loss < 2 * CHECKPOINT_TOKENS + max(max_tokens, 1), (loss, last_seen, updates)
             if kill == KILLS:
                 assert d.stop() == 0
                 break
@@ -133,6 +135,6 @@ def test_sigkill_twenty_times_loses_at_most_what_followed_the_last_checkpoint(tm
     seconds = time.perf_counter() - start
     print(f"{KILLS} SIGKILLs survived in {seconds:.0f} s: {resumed} restarts resumed the newest checkpoint exactly; "
           f"{torn_writes} kills interrupted a checkpoint write (its temporary file left, never a torn state file); "
-          f"most updates lost {worst_loss} (bound: < {CHECKPOINT_TOKENS} + {max_tokens} tokens of one message); "
+          f"most updates lost {worst_loss} (bound: < 2 × {CHECKPOINT_TOKENS} + {max_tokens} tokens of one message); "
           f"final updates {updates}")
     assert resumed >= KILLS - 1

@@ -119,7 +119,7 @@ def test_too_many_domains_and_control_on_the_pull_socket(daemon):
     with Client(daemon.endpoint) as c:
         for name in ("d1", "d2", "d3", "d4"):
             try:
-                c.score("a dog", stream="x", domain=name, learn=False)
+                c.score("a dog", stream="x", domain=name)  # (learn: false never creates a domain)
             except DaemonError as err:
                 assert err.code == "too_many_domains"
                 break

@@ -3,17 +3,20 @@
 Hypothesis draws batches of messages — valid requests, valid requests with a field dropped,
 replaced by a value of another type or joined by junk, arbitrary msgpack values, and frames that
 are truncated, bit-flipped, spliced, padded past the size limit or random bytes, sometimes behind
-extra envelope frames — and pipelines each batch over one DEALER socket to ONE daemon process.
-For every message:
+extra envelope frames, small or near the frame limit — and pipelines each batch over one DEALER
+socket to ONE daemon process. For every message:
 
-* exactly one reply comes back, in order, echoing the envelope, with the request's `id` where
-  the request had a readable one (nil otherwise);
+* exactly one reply comes back, in order, with the request's `id` where the request had a readable
+  one (nil otherwise; read here with msgpack itself, not with the daemon's code);
+* a REQ-style envelope (one empty delimiter) comes back as sent; any other envelope is refused
+  with `bad_request` and never echoed (the reply is one frame);
 * the process never dies and never answers `internal`.
 
 At the end the daemon's weights must be exactly what the accepted messages alone make of the
 base model: every accepted `score` and `reset` is replayed in order through an in-process Learner,
 each reply's log-probabilities must match the replay's, and the daemon's checkpointed weights of
-every domain must equal the replay's bit for bit. So no rejected message changed anything.
+every domain must equal the replay's bit for bit. So no rejected message changed anything. The
+same holds after a thousand of the frames are sent again on the fire-and-forget PULL socket.
 
 FUZZ_SEED=<n> in the environment draws a different (still reproducible) set of messages.
 """
@@ -99,7 +102,9 @@ frame_mutations = st.one_of(
     st.tuples(st.just("append"), st.binary(min_size=1, max_size=8)),
     st.tuples(st.just("pad"), st.integers(MAX_BYTES + 1, 2 * MAX_BYTES - 64)),  # over the limit, under ZeroMQ's cap
 )
-envelopes = st.one_of(st.just([]), st.just([]), st.just([]), st.lists(st.binary(max_size=6), min_size=1, max_size=2))
+envelopes = st.one_of(st.just([]), st.just([]), st.just([]), st.just([b""]),
+                      st.lists(st.binary(max_size=6), min_size=1, max_size=5),
+                      st.lists(st.integers(MAX_BYTES, 2 * MAX_BYTES).map(lambda n: b"e" * n), min_size=1, max_size=4))
 messages = st.one_of(
     st.tuples(st.just("map"), requests, st.sampled_from(["id", "id", "id", "none", "odd"]), frame_mutations, envelopes),
     st.tuples(st.just("map"), mutated(requests), st.sampled_from(["id", "id", "none", "odd"]), frame_mutations,
@@ -129,14 +134,21 @@ def mutate_frame(frame: bytes, how: tuple) -> bytes:
     return frame
 
 
-def expected_id(frame: bytes):
+def expected_id(frame: bytes, envelope: list[bytes]):
     """What the reply's `id` must be: the request's if it can be read, else nil (docs/protocol.md)."""
-    if len(frame) > MAX_BYTES:
+    if len(frame) > MAX_BYTES or not echoed(envelope):
         return None
     try:
-        return protocol.request_id(protocol.decode(frame))
-    except ProtocolError:
+        request = msgpack.unpackb(frame, raw=False, strict_map_key=False)
+    except Exception:
         return None
+    rid = request.get("id") if isinstance(request, dict) else None
+    return rid if rid is None or type(rid) in (int, str, bytes, float, bool) else None
+
+
+def echoed(envelope: list[bytes]) -> bool:
+    """A DEALER's request alone, or behind one empty delimiter (as REQ sends it)."""
+    return envelope in ([], [b""])
 
 
 def same_id(a, b) -> bool:
@@ -144,6 +156,19 @@ def same_id(a, b) -> bool:
         return True
     return type(a) is type(b) and a == b or (a == b and not isinstance(a, float) and not isinstance(b, float)
                                              and isinstance(a, bool) == isinstance(b, bool))
+
+
+def same_weights(d: Daemon, model, replay: Learner) -> None:
+    """The daemon's checkpointed domains hold exactly the replay's weights and update counts."""
+    with Client(d.endpoint) as c:
+        saved = read_checked(c.save()["path"], STATE_FORMAT)
+    assert sorted(saved["domains"]) == sorted(replay.domains)
+    cfg, vocab = model.config, model.vocab
+    for name, domain in replay.domains.items():
+        theirs = weights_from_tensors(saved["domains"][name]["weights"], len(vocab), cfg.hidden, vocab.num_classes, name)
+        for array in domain.weights.NAMES:
+            np.testing.assert_array_equal(getattr(theirs, array), getattr(domain.weights, array), err_msg=name)
+        assert saved["domains"][name]["updates"] == domain.updates
 
 
 # --- the test --------------------------------------------------------------------------------------
@@ -186,12 +211,15 @@ def test_ten_thousand_fuzzed_messages_at_one_live_daemon(tmp_path, model_path):
             for parts in frames:
                 assert dealer.poll(20_000), f"no reply to a request (after {len(sent_frames)} answered)"
                 got = dealer.recv_multipart()
-                assert got[:-1] == parts[:-1], "the envelope comes back as sent"
+                envelope = parts[:-1]
+                assert got[:-1] == (envelope if echoed(envelope) else []), "only a REQ delimiter comes back"
                 reply = msgpack.unpackb(got[-1], raw=False)
                 assert set(reply) >= {"v", "id", "ok"}, reply
-                want = expected_id(parts[-1])
+                want = expected_id(parts[-1], envelope)
                 assert same_id(reply["id"], want), (reply["id"], want, parts[-1][:80])
                 code = "ok" if reply["ok"] else reply["error"]["code"]
+                if not echoed(envelope):
+                    assert code == "bad_request", reply
                 assert code != "internal", (reply, parts[-1][:200])
                 outcomes[code] = outcomes.get(code, 0) + 1
                 if reply["ok"] and ("logprobs" in reply or "existed" in reply):
@@ -219,15 +247,7 @@ def test_ten_thousand_fuzzed_messages_at_one_live_daemon(tmp_path, model_path):
             np.testing.assert_array_equal(np.array(reply["logprobs"]), result.logprobs)
             assert reply["learned"] == result.applied and reply["updates"] == result.domain.updates
             learned += result.applied
-        with Client(d.endpoint) as c:
-            saved = read_checked(c.save()["path"], STATE_FORMAT)
-        assert sorted(saved["domains"]) == sorted(replay.domains)
-        cfg, vocab = model.config, model.vocab
-        for name, domain in replay.domains.items():
-            theirs = weights_from_tensors(saved["domains"][name]["weights"], len(vocab), cfg.hidden, vocab.num_classes, name)
-            for array in domain.weights.NAMES:
-                np.testing.assert_array_equal(getattr(theirs, array), getattr(domain.weights, array), err_msg=name)
-            assert saved["domains"][name]["updates"] == domain.updates
+        same_weights(d, model, replay)
         assert learned > 0, "some fuzzed messages were valid and learned"
 
         # The same frames on the fire-and-forget socket: each handled once (counted), nothing dies.
@@ -252,6 +272,18 @@ def test_ten_thousand_fuzzed_messages_at_one_live_daemon(tmp_path, model_path):
         assert pull_count() - pull_before == len(pushed)
         with Client(d.endpoint) as c:
             assert c.ping()["pong"]
+        # On PULL only a lone frame is a request, and only `score` is taken there.
+        for parts in pushed:
+            try:
+                request = protocol.parse(protocol.decode(parts[-1]), MAX_TOKENS) if len(parts) == 1 and len(parts[-1]) <= MAX_BYTES else None
+            except ProtocolError:
+                continue
+            if request is not None and request.op == "score":
+                try:
+                    replay.score(request)
+                except ProtocolError:  # too_many_domains: refused there too
+                    pass
+        same_weights(d, model, replay)
         dealer.close(0)
         assert d.stop() == 0, d.output()
         assert "Traceback" not in d.output()

@@ -362,12 +362,12 @@ def _double(payload, path):
 
 
 def _word_ids_out_of_range(payload, path):
-    payload["streams"][0]["inputs"][:] = 10 ** 8  # would index far outside U in the compiled step
+    payload["stream_states"]["inputs"][0][:] = 10 ** 8  # would index far outside U in the compiled step
     write_atomic(path, payload)
 
 
 def _nan_hidden(payload, path):
-    payload["streams"][0]["hidden"][0, 0] = float("nan")
+    payload["stream_states"]["hidden"][0, 0, 0] = float("nan")
     write_atomic(path, payload)
 
 

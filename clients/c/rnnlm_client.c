@@ -1,6 +1,10 @@
 /* rnnlm_client: score text with an rnnlm daemon, one `score` request per input line.
  *
- *   rnnlm_client ENDPOINT [--stream ID] [--domain D] [--no-learn] [--timeout S] < text
+ *   rnnlm_client ENDPOINT [--stream ID] [--domain D] [--no-learn] [--timeout S]
+ *                [--curve-secret-key CLIENT.key_secret --curve-server-key SERVER.key] < text
+ *
+ * With the two key files (as `rnnlm keygen` writes them: ZeroMQ's certificate format) the
+ * connection is CURVE-encrypted and authenticated, for a daemon run with --curve-secret-key.
  *
  * It exists to show that the wire protocol (docs/protocol.md, version 1) needs nothing from Python:
  * a DEALER socket from libzmq and msgpack maps from msgpack-c are enough.
@@ -30,8 +34,54 @@ static int timeout_ms = 30000;
 
 static void usage(void)
 {
-    fprintf(stderr, "usage: rnnlm_client ENDPOINT [--stream ID] [--domain D] [--no-learn] [--timeout S] < text\n");
+    fprintf(stderr, "usage: rnnlm_client ENDPOINT [--stream ID] [--domain D] [--no-learn] [--timeout S] "
+                    "[--curve-secret-key FILE --curve-server-key FILE] < text\n");
     exit(2);
+}
+
+/* The Z85 text of `name = "..."` (public-key or secret-key) in a ZeroMQ certificate file, into
+ * out (41 bytes). Exits with status 2 if the file or the key is missing. */
+static void read_key(const char *path, const char *name, char out[41])
+{
+    FILE *f = fopen(path, "r");
+    if (!f) {
+        fprintf(stderr, "rnnlm_client: cannot read key file %s\n", path);
+        exit(2);
+    }
+    char line[256];
+    size_t n = strlen(name);
+    while (fgets(line, sizeof line, f)) {
+        char *p = line;
+        while (*p == ' ' || *p == '\t')
+            p++;
+        if (strncmp(p, name, n) != 0)
+            continue;
+        char *quote = strchr(p + n, '"');
+        if (quote && strlen(quote + 1) >= 41 && quote[41] == '"') {
+            memcpy(out, quote + 1, 40);
+            out[40] = '\0';
+            fclose(f);
+            return;
+        }
+    }
+    fclose(f);
+    fprintf(stderr, "rnnlm_client: no %s in %s\n", name, path);
+    exit(2);
+}
+
+/* Make sock a CURVE client of the server whose public key is in server_file. */
+static void curve_client(void *sock, const char *secret_file, const char *server_file)
+{
+    char public_key[41], secret_key[41], server_key[41];
+    read_key(secret_file, "public-key", public_key);
+    read_key(secret_file, "secret-key", secret_key);
+    read_key(server_file, "public-key", server_key);
+    if (zmq_setsockopt(sock, ZMQ_CURVE_SERVERKEY, server_key, 41) != 0
+        || zmq_setsockopt(sock, ZMQ_CURVE_PUBLICKEY, public_key, 41) != 0
+        || zmq_setsockopt(sock, ZMQ_CURVE_SECRETKEY, secret_key, 41) != 0) {
+        fprintf(stderr, "rnnlm_client: CURVE keys refused: %s\n", zmq_strerror(zmq_errno()));
+        exit(2);
+    }
 }
 
 static void pack_str(msgpack_packer *pk, const char *s, size_t n)
@@ -134,7 +184,7 @@ static const msgpack_object *exchange(void *sock, const msgpack_sbuffer *buf, in
 
 int main(int argc, char **argv)
 {
-    const char *stream = "default", *domain = NULL;
+    const char *stream = "default", *domain = NULL, *secret_file = NULL, *server_file = NULL;
     int learn = 1;
     if (argc < 2 || argv[1][0] == '-')
         usage();
@@ -148,13 +198,21 @@ int main(int argc, char **argv)
             domain = argv[++i];
         else if (i + 1 < argc && strcmp(argv[i], "--timeout") == 0)
             timeout_ms = (int)(atof(argv[++i]) * 1000);
+        else if (i + 1 < argc && strcmp(argv[i], "--curve-secret-key") == 0)
+            secret_file = argv[++i];
+        else if (i + 1 < argc && strcmp(argv[i], "--curve-server-key") == 0)
+            server_file = argv[++i];
         else
             usage();
     }
+    if ((secret_file == NULL) != (server_file == NULL))
+        usage(); /* the two key files go together */
 
     void *ctx = zmq_ctx_new(), *sock = zmq_socket(ctx, ZMQ_DEALER);
     int linger = 0; /* on exit, drop requests a dead daemon never took instead of hanging */
     zmq_setsockopt(sock, ZMQ_LINGER, &linger, sizeof linger);
+    if (secret_file)
+        curve_client(sock, secret_file, server_file);
     if (zmq_connect(sock, endpoint) != 0) {
         fprintf(stderr, "rnnlm_client: cannot connect to %s: %s\n", endpoint, zmq_strerror(zmq_errno()));
         return 2;
