@@ -82,6 +82,7 @@ class EpochRun:
         def work(shard, state, weights, lo, hi):
             return self.model.step(shard[lo:hi], state, self.rule, weights)[0]
 
+        before = self.tally.seconds
         start = last_report = time.perf_counter()
         with ThreadPoolExecutor(threads) as pool:
             while self.position < stop:
@@ -92,9 +93,10 @@ class EpochRun:
                     merge_dense_updates(self.replicas)
                 self.position = hi
                 if report and time.perf_counter() - last_report > 0.2:
+                    self.tally.seconds = before + time.perf_counter() - start  # so a report's words/s is the epoch's
                     report(self.tally.words, self.tally)
                     last_report = time.perf_counter()
-        self.tally.seconds += time.perf_counter() - start
+        self.tally.seconds = before + time.perf_counter() - start
 
     def weights_changed(self) -> None:
         """The model's W and X were changed from outside (a merge with other processes): hand them
