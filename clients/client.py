@@ -5,7 +5,16 @@
         reply["logprobs"], reply["stream_perplexity"]
 
 It speaks docs/protocol.md over a DEALER socket; each request carries an `id` and replies are matched
-to requests by it.
+to requests by it, so a reply that arrives after its request timed out is recognised and dropped,
+and the client stays usable. For asyncio code, `rnnlm.clients.async_client.AsyncClient` has the
+same methods.
+
+Errors, one policy for every method: an error reply from the daemon raises `DaemonError` (with
+`.code`, `.message` and the `.reply`), from `score` and `pipeline` alike, because an error reply
+is never a score and code that forgets to look at `reply["ok"]` would otherwise add a refusal into
+its totals. Pass `check=False` to get error replies back as replies instead (for tools that count
+outcomes). No reply within `timeout` raises `ReplyTimeout` (a `TimeoutError`); an endpoint that
+cannot be connected to raises `EndpointError` (a `ValueError`); all three are `ClientError`s.
 
 For a daemon running CURVE (`rnnlm serve --curve-secret-key ... --curve-authorized-dir ...`), give
 this client's key pair and the daemon's public key:
@@ -16,43 +25,33 @@ this client's key pair and the daemon's public key:
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
 from typing import Iterable, Iterator
 
-import msgpack
 import zmq
 
-VERSION = 1
+from .common import (VERSION, ClientError, DaemonError, EndpointError, PendingReplies, ReplyTimeout, StreamNumbers,
+                     checked, connected_dealer, decode_reply, encode_request, score_fields)
 
-
-class DaemonError(Exception):
-    """The daemon answered with an error reply."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
+__all__ = ["Client", "ClientError", "DaemonError", "EndpointError", "ReplyTimeout", "VERSION", "score_fields"]
 
 
 class Client:
     def __init__(self, endpoint: str, timeout: float = 30.0, context: zmq.Context | None = None,
-                 curve: tuple[str, str] | None = None):
-        """`curve`: (this client's NAME.key_secret file, the daemon's public NAME.key file)."""
+                 curve: tuple[str, str] | None = None, retries: int = 0):
+        """`curve`: (this client's NAME.key_secret file, the daemon's public NAME.key file).
+        `retries`: how many times `score` sends a request again after a timeout; with retries, score
+        requests carry per-stream sequence numbers, so a retried message is learned from once."""
         self.endpoint = endpoint
-        self.timeout_ms = int(timeout * 1000)
+        self.timeout = timeout
+        self.retries = retries
+        self.numbers = StreamNumbers()
         self.ctx = context or zmq.Context.instance()
-        self.socket = self.ctx.socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        if curve is not None:
-            from rnnlm.daemon.auth import client_socket_keys
-
-            try:
-                client_socket_keys(self.socket, *curve)
-            except BaseException:
-                self.socket.close(0)
-                raise
-        self.socket.connect(endpoint)
+        self.socket = connected_dealer(self.ctx, endpoint, curve)
         self.ids = itertools.count(1)
+        self.pending = PendingReplies()
+        self.stale_replies = 0  # late replies to abandoned requests, dropped
 
     def __enter__(self) -> "Client":
         return self
@@ -67,16 +66,39 @@ class Client:
 
     def request(self, op: str, check: bool = True, **fields) -> dict:
         rid = self.send(op, **fields)
-        reply = self.receive()
-        if reply.get("id") is None and not reply.get("ok"):
-            reply["id"] = rid  # an error for a request the daemon could not read (docs/protocol.md, Replies)
-        if reply.get("id") != rid:
-            raise RuntimeError(f"reply for request {reply.get('id')!r} arrived while waiting for {rid}")
-        return self.checked(reply) if check else reply
+        try:
+            reply = self.receive(time.monotonic() + self.timeout)
+        except BaseException:
+            self.pending.abandon(rid)
+            raise
+        return checked(reply) if check else reply
 
     def score(self, text: str | None = None, *, tokens: list[str] | None = None, stream: str = "default",
-              domain: str | None = None, learn: bool = True) -> dict:
-        return self.request("score", **score_fields(text, tokens, stream, domain, learn))
+              domain: str | None = None, learn: bool = True, check: bool = True) -> dict:
+        fields = score_fields(text, tokens, stream, domain, learn)
+        reply = self.score_with_retries(fields) if self.retries else self.request("score", False, **fields)
+        return checked(reply) if check else reply
+
+    def score_with_retries(self, fields: dict) -> dict:
+        """Send, and after a timeout send again with the same `seq`: learned from once either way."""
+        first_use = not self.numbers.known(fields)
+        fields["seq"] = self.numbers.take(fields)
+        reply, timeouts = None, 0
+        try:
+            while True:
+                try:
+                    reply = self.request("score", False, **fields)
+                except ReplyTimeout:
+                    reply, timeouts = None, timeouts + 1
+                    if timeouts > self.retries:
+                        raise
+                    continue
+                if first_use and self.numbers.adopt(fields, reply):  # send again under the daemon's number
+                    first_use, reply = False, None
+                    continue
+                return reply
+        finally:
+            self.numbers.settle(fields, reply)
 
     def reset(self, stream: str, domain: str | None = None) -> dict:
         return self.request("reset", stream=stream, **({"domain": domain} if domain else {}))
@@ -95,57 +117,50 @@ class Client:
 
     # --- pipelined -----------------------------------------------------------------------------
 
-    def pipeline(self, requests: Iterable[dict], window: int = 64) -> Iterator[dict]:
-        """Send requests (dicts with 'op' and fields) keeping up to `window` in flight; yield
-        replies in request order. Error replies are yielded too (check reply['ok'])."""
+    def pipeline(self, requests: Iterable[dict], window: int = 64, check: bool = True) -> Iterator[dict]:
+        """Send requests (dicts with 'op' and fields) keeping up to `window` in flight; yield the
+        replies in request order. An error reply raises DaemonError (or, with check=False, is
+        yielded like the others). Whatever ends the pipeline early (an error, a timeout, the caller
+        leaving the loop) abandons the requests still in flight: the daemon still handles them, and
+        their replies are dropped when they arrive."""
         in_flight: deque[int] = deque()
-        waiting: dict[int, dict] = {}
+        arrived: dict[int, dict] = {}
         requests = iter(requests)
-        exhausted = False
-        while True:
-            while not exhausted and len(in_flight) < window:
-                fields = next(requests, None)
-                if fields is None:
-                    exhausted = True
-                    break
-                in_flight.append(self.send(**fields))
-            if not in_flight:
-                return
-            while in_flight[0] not in waiting:
-                reply = self.receive()
-                if reply.get("id") is None and not reply.get("ok"):
-                    # Unreadable requests are answered with id nil; replies come in request order,
-                    # so it answers the oldest request not answered yet.
-                    reply["id"] = next(i for i in in_flight if i not in waiting)
-                waiting[reply.get("id")] = reply
-            yield waiting.pop(in_flight.popleft())
+        try:
+            while True:
+                while len(in_flight) < window and (fields := next(requests, None)) is not None:
+                    if fields.get("op") == "score" and "stream" in fields:
+                        self.numbers.forget(fields)  # pipelined messages are not numbered
+                    in_flight.append(self.send(**fields))
+                if not in_flight:
+                    return
+                deadline = time.monotonic() + self.timeout
+                while in_flight[0] not in arrived:
+                    reply = self.receive(deadline)
+                    arrived[reply["id"]] = reply
+                reply = arrived.pop(in_flight.popleft())
+                yield checked(reply) if check else reply
+        finally:
+            for rid in in_flight:
+                self.pending.abandon(rid)
 
     # --- frames --------------------------------------------------------------------------------
 
     def send(self, op: str, **fields) -> int:
         rid = next(self.ids)
-        self.socket.send(msgpack.packb({"v": VERSION, "op": op, "id": rid, **fields}, use_bin_type=True))
+        self.pending.add(rid)
+        self.socket.send(encode_request(op, rid, fields))
         return rid
 
-    def receive(self) -> dict:
-        if not self.socket.poll(self.timeout_ms, zmq.POLLIN):
-            raise TimeoutError(f"no reply from {self.endpoint} within {self.timeout_ms / 1000:g} s")
-        return msgpack.unpackb(self.socket.recv(), raw=False)
+    def receive(self, deadline: float) -> dict:
+        """The next reply to a request still waited for; stale replies are dropped on the way."""
+        while True:
+            left_ms = max(0, int((deadline - time.monotonic()) * 1000))
+            if not self.socket.poll(left_ms, zmq.POLLIN):
+                raise ReplyTimeout(f"no reply from {self.endpoint} within {self.timeout:g} s")
+            reply = decode_reply(self.socket.recv())
+            if self.pending.match(reply) is not None:
+                return reply
+            self.stale_replies += 1
 
-    @staticmethod
-    def checked(reply: dict) -> dict:
-        if not reply.get("ok"):
-            error = reply.get("error") or {}
-            raise DaemonError(error.get("code", "unknown"), error.get("message", ""))
-        return reply
-
-
-def score_fields(text: str | None, tokens: list[str] | None, stream: str, domain: str | None, learn: bool) -> dict:
-    fields = {"stream": stream, "learn": learn}
-    if text is not None:
-        fields["text"] = text
-    if tokens is not None:
-        fields["tokens"] = tokens
-    if domain:
-        fields["domain"] = domain
-    return fields
+    checked = staticmethod(checked)

@@ -20,6 +20,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+import msgpack
 import numpy as np
 import torch
 
@@ -61,6 +62,8 @@ class Stream:
     shadow: StreamState | None = None  # the base model's own context for this stream (sampled messages only)
     extra: list[StreamState] = field(default_factory=list)  # with a mixture: each extra RNN's state
     history: list[int] | None = None  # with an n-gram: its history (word ids), carried across messages
+    seq: int | None = None  # the last sequence number applied (exactly-once retries, docs/protocol.md)
+    seq_reply: bytes | None = None  # ...and its reply's fields, msgpack-packed, sent again for a repeat
 
 
 @dataclass
@@ -326,7 +329,7 @@ class Learner:
                 name: {
                     "updates": d.updates,
                     "skipped_updates": d.skipped,
-                    "words": d.tally.words,
+                    "tokens": d.tally.words,
                     "oov": d.tally.oov,
                     "loss_nats": d.tally.loss_nats,
                     "perplexity": d.tally.perplexity if d.tally.words else None,
@@ -363,7 +366,7 @@ class Learner:
                 for name, d in self.domains.items()
             },
             "streams": [
-                {"domain": dom, "stream": name, "tally": _tally_state(s.tally)}
+                {"domain": dom, "stream": name, "tally": _tally_state(s.tally), **_seq_state(s)}
                 for (dom, name), s in self.streams.items()
             ],
             # Row i is streams[i]'s state: a few big tensors instead of four per stream, which
@@ -421,6 +424,7 @@ class Learner:
                 _check_name(s["domain"], "domain", where)
                 _check_name(s["stream"], "stream", where)
                 stream = Stream(self._state_from(self.model, s, where), _tally_from(s["tally"], where))
+                stream.seq, stream.seq_reply = _seq_from(s, where)
                 if combination is not None:
                     saved = _list_of(s["extra_states"], len(extras), "extra models' stream states", where)
                     stream.extra = [self._state_from(m, state, where) for m, state in zip(extras, saved)]
@@ -452,6 +456,30 @@ class Learner:
             np.copyto(target, tensor.numpy())
         _check_stream_state(state, len(model.vocab), where)
         return state
+
+
+def _seq_state(stream: Stream) -> dict:
+    """A stream's last sequence number and its stored reply (bytes in a uint8 tensor: a checkpoint
+    holds only tensors and plain values)."""
+    if stream.seq is None:
+        return {}
+    return {"seq": stream.seq, "seq_reply": torch.frombuffer(bytearray(stream.seq_reply), dtype=torch.uint8)}
+
+
+def _seq_from(saved: dict, where: str) -> tuple[int | None, bytes | None]:
+    seq, reply = saved.get("seq"), saved.get("seq_reply")
+    if seq is None:
+        return None, None
+    if type(seq) is not int or seq < 1 or not isinstance(reply, torch.Tensor) or reply.dtype != torch.uint8:
+        raise CheckpointError(f"{where}: a stream's sequence number or stored reply is damaged")
+    packed = reply.numpy().tobytes()
+    try:
+        fields = msgpack.unpackb(packed, raw=False)
+    except Exception:
+        raise CheckpointError(f"{where}: a stream's stored reply is not msgpack") from None
+    if not isinstance(fields, dict):
+        raise CheckpointError(f"{where}: a stream's stored reply is not a map")
+    return seq, packed
 
 
 def base_model_of(payload: dict, where: str) -> RNNLM:

@@ -10,24 +10,44 @@ The running-perplexity gauge is for display.
 
 from __future__ import annotations
 
+import platform
 import socket
 import threading
 import time
 from http.server import ThreadingHTTPServer
+from importlib import metadata
 
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector,
-                               ProcessCollector)
+                               ProcessCollector, disable_created_metrics)
 from prometheus_client.exposition import MetricsHandler
 
-from .protocol import LIMITS
+from .protocol import LIMITS, OPS
 
 PREFIX = "rnnlm"
 # Scoring a ~20-word message takes about a millisecond; buckets resolve 50 µs to 1 s.
 LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+# Tokens per score message: a word, a sentence, a paragraph, up to the --max-tokens default.
+TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+HANDSHAKE_REASONS = ("auth", "protocol", "other")
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def label_value(value) -> str:
+    """Label values as Prometheus users expect them: booleans as true/false, the rest as text."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 class Metrics:
     def __init__(self):
+        # Every counter would get a *_created twin holding its start time: noise on every
+        # dashboard, and process_start_time_seconds says the same once.
+        disable_created_metrics()
         self.registry = r = CollectorRegistry()
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
@@ -61,6 +81,15 @@ class Metrics:
         self.last_checkpoint = Gauge(f"{PREFIX}_last_checkpoint_timestamp_seconds", "Unix time of the last checkpoint.", registry=r)
         self.checkpoint_age = Gauge(f"{PREFIX}_checkpoint_age_seconds", "Seconds since the last checkpoint (or since start).", registry=r)
         self.info = Info(f"{PREFIX}_model", "The model being served.", registry=r)
+        self.build = Info(f"{PREFIX}_build", "Versions of rnnlm and of what it runs on.", registry=r)
+        self.build.info({"version": _version("rnnlm"), "python": platform.python_version(),
+                         "torch": _version("torch"), "numba": _version("numba")})
+        self.message_tokens = Histogram(f"{PREFIX}_message_tokens", "Tokens per score message.",
+                                        buckets=TOKEN_BUCKETS, registry=r)
+        self.queue_wait = Histogram(f"{PREFIX}_queue_wait_seconds", "Time from taking a message off its socket "
+                                    "to starting to handle it (waiting behind the messages taken before it).",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.domains_seen: set[str] = set()
         self._last_checkpoint_time = time.time()
         self._children: dict = {}
         self.checkpoint_age.set_function(lambda: time.time() - self._last_checkpoint_time)
@@ -83,6 +112,31 @@ class Metrics:
                                       ["domain"], registry=r)
         self.rollbacks = Counter(f"{PREFIX}_rollbacks", "Domains rolled back by the adaptation guard.", ["domain"], registry=r)
 
+    def model_info(self, fields: dict) -> None:
+        self.info.info({k: label_value(v) for k, v in fields.items()})
+
+    def start(self, sockets: tuple[str, ...], curve: bool) -> None:
+        """Create at 0 the series a daemon will have, so rate() says 0, not "no data", until they move."""
+        for socket_name in sockets:
+            for op in (OPS if socket_name == "router" else ("score",)):
+                self.child(self.messages, socket_name, op, "ok")
+            if curve:
+                for reason in HANDSHAKE_REASONS:
+                    self.handshake_failures.labels(socket_name, reason)
+
+    def domain_seen(self, domain: str, shadowed: bool, mixture: bool) -> None:
+        """Create a domain's series at 0 the first time it is seen (a new domain, or one restored)."""
+        if domain in self.domains_seen:
+            return
+        self.domains_seen.add(domain)
+        per_domain = [self.loss, self.tokens, self.oov, self.rare, self.rollbacks]
+        per_domain += [self.sampled_loss, self.sampled_tokens, self.base_loss, self.base_tokens] if shadowed else []
+        per_domain += [self.rnn_loss] if mixture else []
+        for metric in per_domain:
+            self.child(metric, domain)
+        for outcome in ("applied", "skipped"):
+            self.child(self.updates, domain, outcome)
+
     def child(self, metric, *labels):
         """`metric.labels(*labels)`, remembered: labels() takes a lock and validates every call,
         a noticeable cost at thousands of messages a second. Label values are bounded, so is this."""
@@ -103,7 +157,10 @@ class Metrics:
         host, _, port = addr.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"--metrics-addr must be HOST:PORT, got {addr!r}")
-        server = BoundedHTTPServer((host.strip("[]"), int(port)), MetricsHandler.factory(self.registry))
+        try:
+            server = BoundedHTTPServer((host.strip("[]"), int(port)), MetricsHandler.factory(self.registry))
+        except OSError as err:  # `rnnlm serve` tries the address first; this is for a race, or another caller
+            raise ValueError(f"--metrics-addr {addr!r}: cannot listen there: {err.strerror or err}") from None
         threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
         return server
 

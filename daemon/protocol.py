@@ -26,11 +26,15 @@ LIMIT_OF_CODE = {"message_too_large": "message_bytes", "too_many_tokens": "token
 LIMITS = ("message_bytes", "tokens", "streams", "domains", "pending", "memory")
 
 
+MAX_SEQ = 2**63 - 1  # sequence numbers fit msgpack's int64
+
+
 class ProtocolError(Exception):
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, **details):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.details = details  # extra fields of the error map (out_of_order: expected)
 
 
 @dataclass
@@ -42,6 +46,7 @@ class Request:
     sentences: list[list[str]] | None = None  # score: words per sentence; `</s>` added to each
     tokens: list[str] | None = None  # score: tokens as given, nothing added
     learn: bool = True
+    seq: int | None = None  # score: the stream's sequence number, for exactly-once retries
 
 
 @dataclass
@@ -126,9 +131,23 @@ def decode(frame: bytes) -> dict:
 
 
 def request_id(message) -> object:
-    """The `id` to echo, if it is a plain value (anything else is not echoed)."""
+    """The `id` to echo, if it is an int, string, binary or float (anything else, booleans
+    included, is answered with nil)."""
     rid = message.get("id") if isinstance(message, dict) else None
-    return rid if isinstance(rid, (int, str, bytes, float, type(None))) else None
+    return rid if isinstance(rid, (int, str, bytes, float)) and not isinstance(rid, bool) else None
+
+
+def spelled(value) -> str:
+    """A value as msgpack/JSON spell it, for error messages: nil, true, 1.0, "text"."""
+    if value is None:
+        return "nil"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value[:40] + ('…' if len(value) > 40 else '') + '"'
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return f"a {type(value).__name__.replace('dict', 'map').replace('list', 'array')}"
 
 
 def _name(message: dict, key: str, default: str | None) -> str:
@@ -142,11 +161,14 @@ def _name(message: dict, key: str, default: str | None) -> str:
 
 def parse(message: dict, max_tokens: int) -> Request:
     version = message.get("v", VERSION)
-    if version != VERSION:
-        raise ProtocolError("unsupported_version", f"protocol version {version!r} is not supported (this daemon speaks {VERSION})")
+    if type(version) is not int or version != VERSION:  # an int: 1.0 and true are not 1
+        raise ProtocolError("unsupported_version",
+                            f"protocol version {spelled(version)} is not supported (this daemon speaks the int {VERSION})")
     op = message.get("op")
+    if op is None:
+        raise ProtocolError("bad_request", f"'op' is required: one of {', '.join(OPS)}")
     if op not in OPS:
-        raise ProtocolError("unknown_op", f"unknown op {op!r}; expected one of {', '.join(OPS)}")
+        raise ProtocolError("unknown_op", f"unknown op {spelled(op)}; expected one of {', '.join(OPS)}")
     request = Request(op=op, id=request_id(message))
     if op in ("score", "reset"):
         request.stream = _name(message, "stream", None)
@@ -158,8 +180,16 @@ def parse(message: dict, max_tokens: int) -> Request:
         if not isinstance(learn, bool):
             raise ProtocolError("bad_request", "'learn' must be true or false")
         request.learn = learn
+        request.seq = _seq(message)
         _parse_text(message, request, max_tokens)
     return request
+
+
+def _seq(message: dict) -> int | None:
+    seq = message.get("seq")
+    if seq is not None and (type(seq) is not int or not 1 <= seq <= MAX_SEQ):
+        raise ProtocolError("bad_request", f"'seq' must be an int from 1 to {MAX_SEQ}, got {spelled(seq)}")
+    return seq
 
 
 def _parse_text(message: dict, request: Request, max_tokens: int) -> None:
@@ -190,5 +220,5 @@ def ok(request_id, **fields) -> dict:
     return {"v": VERSION, "id": request_id, "ok": True, **fields}
 
 
-def error(request_id, code: str, message: str) -> dict:
-    return {"v": VERSION, "id": request_id, "ok": False, "error": {"code": code, "message": message}}
+def error(request_id, code: str, message: str, **details) -> dict:
+    return {"v": VERSION, "id": request_id, "ok": False, "error": {"code": code, "message": message, **details}}

@@ -21,6 +21,7 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgpack
 import zmq
 
 from rnnlm.bundled import DEFAULT_MODEL
@@ -145,10 +146,13 @@ class Server:
         gc.freeze()
         model = self.learner.model
         components = self.components()
-        self.metrics.info.info({k: str(v) for k, v in {
+        self.metrics.model_info({
             **model.describe(), "lr": cfg.lr, "learning": cfg.learn,
             "components": ", ".join(f"{c['name']} ({c['kind']})" for c in components),
-            "weights": ",".join(f"{c['weight']:.6g}" for c in components)}.items()})
+            "weights": ",".join(f"{c['weight']:.6g}" for c in components)})
+        self.metrics.start(("router", "pull") if cfg.pull_bind else ("router",), curve=bool(cfg.curve_secret_key))
+        for domain in {protocol.DEFAULT_DOMAIN, *self.learner.domains}:
+            self.note_domain(domain)
         self.ctx = zmq.Context()
         self.curve = (CurveServer(self.ctx, cfg.curve_secret_key, cfg.curve_authorized_dir, self.metrics.handshake_failures,
                                   cfg.curve_admin_dir)
@@ -276,7 +280,9 @@ class Server:
         overtake one of that connection's, and a liveness probe gets it whatever the backlog."""
         sockets = [s for s in (self.router, self.pull) if s is not None]
         reads = 0
-        while sockets and len(self.in_hand) < self.config.max_in_hand and reads < 4 * self.config.max_in_hand:
+        deadline = time.perf_counter() + TURN_SECONDS  # parsing 1,000 big messages takes seconds too
+        while (sockets and len(self.in_hand) < self.config.max_in_hand and reads < 4 * self.config.max_in_hand
+               and time.perf_counter() < deadline):
             for socket in list(sockets):
                 received = protocol.read_message(socket)
                 if received is None:
@@ -305,6 +311,9 @@ class Server:
         messages = self.in_hand
         while messages and time.perf_counter() < deadline:
             run = self.next_run(messages)
+            started = time.perf_counter()
+            for message in run:
+                self.metrics.queue_wait.observe(started - message.start)
             if len(run) == 1:
                 start = time.perf_counter()
                 reply, outcome = self.execute(run[0])
@@ -326,13 +335,13 @@ class Server:
         that makes a checkpoint due: checkpoints fall after the same messages as without runs."""
         run = [messages.popleft()]
         head = run[0].request
-        if head is None or head.op != "score" or not self.learner.scores_runs:
-            return run
+        if head is None or head.op != "score" or head.seq is not None or not self.learner.scores_runs:
+            return run  # numbered messages go one at a time, each checked against its stream's number
         tokens = len(message_words(head))
         while messages and tokens < RUN_TOKENS and not self.checkpoint_due(self.tokens_since_checkpoint + tokens):
             request = messages[0].request
-            if (request is None or request.op != "score" or (request.domain, request.stream, request.learn)
-                    != (head.domain, head.stream, head.learn)):
+            if (request is None or request.op != "score" or request.seq is not None
+                    or (request.domain, request.stream, request.learn) != (head.domain, head.stream, head.learn)):
                 break
             n = len(message_words(request))
             if tokens + n > RUN_TOKENS:
@@ -395,7 +404,7 @@ class Server:
         if isinstance(err, ProtocolError):
             if err.code in protocol.LIMIT_OF_CODE:
                 self.metrics.limits.labels(protocol.LIMIT_OF_CODE[err.code]).inc()
-            return protocol.error(message.rid, err.code, err.message), err.code
+            return protocol.error(message.rid, err.code, err.message, **err.details), err.code
         # a bug must not take the daemon down; say so and go on
         log.error("internal error handling %s", message.op, exc_info=err)
         return protocol.error(message.rid, "internal", f"internal error: {type(err).__name__}"), "internal"
@@ -408,9 +417,30 @@ class Server:
             self.router.send_multipart([*message.envelope, protocol.encode(reply)])
 
     def op_score(self, request: protocol.Request, owner: str | None = None) -> dict:
+        stored = self.repeated_reply(request)
+        if stored is not None:
+            return stored
         result = self.learner.score(request, owner)
         self.metrics.step_calls.inc()
-        return self.score_reply(request, result)
+        reply = self.score_reply(request, result)
+        stream = self.learner.streams.get((request.domain, request.stream)) if request.seq is not None else None
+        if stream is not None:
+            stream.seq = request.seq
+            stream.seq_reply = protocol.encode({k: v for k, v in reply.items() if k not in ("v", "id", "ok")})
+        return reply
+
+    def repeated_reply(self, request: protocol.Request) -> dict | None:
+        """Exactly-once retries (docs/protocol.md): a repeat of the stream's last applied `seq` gets
+        that message's reply again and is neither scored nor learned from; the next number goes on;
+        any other is refused. A stream with no number yet (new, reset or evicted) takes any."""
+        stream = self.learner.streams.get((request.domain, request.stream)) if request.seq is not None else None
+        if stream is None or stream.seq is None or request.seq == stream.seq + 1:
+            return None
+        if request.seq == stream.seq:
+            return protocol.ok(request.id, **msgpack.unpackb(stream.seq_reply, raw=False), duplicate=True)
+        raise ProtocolError("out_of_order", f"seq {request.seq} on stream {protocol.spelled(request.stream)} of domain "
+                            f"{protocol.spelled(request.domain)}: expected {stream.seq + 1} (or {stream.seq} again, "
+                            "answered with its stored reply)", expected=stream.seq + 1)
 
     def score_reply(self, request: protocol.Request, result) -> dict:
         """The reply to one scored message, and its metrics."""
@@ -429,6 +459,8 @@ class Server:
         m.child(m.oov, d).inc(len(oov))
         m.child(m.rare, d).inc(len(rare))
         m.child(m.perplexity, d).set(result.domain_perplexity)
+        self.note_domain(d)
+        m.message_tokens.observe(n)
         if result.applied:
             m.child(m.updates, d, "applied").inc(result.applied)
         if result.skipped:
@@ -458,6 +490,10 @@ class Server:
             learned=result.applied,
             **mixture,
         )
+
+    def note_domain(self, domain: str) -> None:
+        cfg = self.config
+        self.metrics.domain_seen(domain, shadowed=bool(cfg.shadow_sample), mixture=bool(cfg.extra_models or cfg.ngram))
 
     def op_reset(self, request: protocol.Request) -> dict:
         existed = self.learner.reset(request.domain, request.stream)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -54,22 +55,74 @@ def read_checked(path: str | Path, expected_format: str) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before it refuses a file
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many kinds for a damaged or hostile file
-        text = str(err).strip()
-        if text.startswith("Weights only load failed"):
-            # torch's first line suggests weights_only=False; the reason is further down.
-            detail = next((line.strip() for line in text.splitlines()
-                           if "GLOBAL" in line or "Unsupported" in line), "objects other than tensors and plain values")
-            raise CheckpointError(f"{path}: refused: it holds code or objects a checkpoint never has, which loading "
-                                  f"would run or build ({detail[:200]})") from None
-        reason = text.splitlines()[0] if text else type(err).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({reason[:200]})") from None
+        raise load_failure(path, str(err).strip() or type(err).__name__, expected_format) from None
     if not isinstance(payload, dict) or payload.get("format") != expected_format:
         raise CheckpointError(f"{path}: not an {expected_format} file")
     if payload.get("version") != VERSION:
         raise CheckpointError(f"{path}: {expected_format} version {payload.get('version')} is not supported (expected {VERSION})")
     return payload
+
+
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
+PICKLE_PROTO = b"\x80"  # ...or, in its legacy format, starts with a pickle protocol opcode
+
+
+def load_failure(path: Path, text: str, expected_format: str) -> CheckpointError:
+    """Why torch could not load `path`, in words that fit: a pickle that names a callable or class
+    beyond torch's own holds code and is called so; anything else is a wrong or damaged file, said calmly."""
+    code = foreign_global(path)
+    if code:
+        return CheckpointError(f"{path}: refused: it holds code or objects a checkpoint never has, which loading "
+                               f"would run or build (GLOBAL {code})")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head.startswith((ZIP_MAGIC, PICKLE_PROTO)):
+        return CheckpointError(f"{path}: not an {expected_format} file (not a file torch.save writes at all: "
+                               "a text file, or some other format?)")
+    reason = next((line.strip() for line in text.splitlines() if line.strip()), text)
+    if reason.startswith("Weights only load failed"):  # torch's advice to turn the protection off is no reason
+        reason = next((line.strip() for line in text.splitlines() if line.strip().startswith("Unsupported")), "")
+    return CheckpointError(f"{path}: not an {expected_format} file, or a damaged one (torch cannot read it"
+                           f"{': ' + reason.split('. ')[0][:160] if reason else ''})")
+
+
+def foreign_global(path: Path) -> str | None:
+    """The first callable or class the file's pickle names that is not torch's own, if any.
+
+    Only reads the opcodes (pickletools), never runs them; a torch.save zip holds its pickle as
+    `<name>/data.pkl`, the legacy format is a pickle from the first byte."""
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+                data = archive.read(name) if name else b""
+        else:
+            data = path.read_bytes()
+    except (OSError, zipfile.BadZipFile):
+        return None
+    strings: list[str] = []
+    try:
+        for opcode, arg, _ in pickletools.genops(data):
+            if isinstance(arg, str):
+                strings.append(arg)
+            if opcode.name in ("GLOBAL", "INST"):
+                module, _, name = arg.partition(" ")
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                module, name = strings[-2], strings[-1]
+            else:
+                continue
+            if not (module == "torch" or module.startswith("torch.") or (module, name) == ("collections", "OrderedDict")):
+                return f"{module}.{name}"
+    except Exception:  # a damaged pickle: what was read before the damage has been checked
+        return None
+    return None
 
 
 def weights_to_tensors(weights: Weights, copy: bool = False) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ import time
 import click
 
 from .checkpoint import load_model, save_model
-from .cli_errors import friendly_errors, say
+from .cli_errors import BadValue, check_output_file, friendly_errors, option_error, progress_bar, say
 from .corpus import read_lines, read_tokens, tokenize_line
 from .evaluate import Tally, evaluate
 from .model import RNNLM, Config, OnlineRule
@@ -22,17 +22,17 @@ class TrainProgress:
     def __init__(self):
         self.bar = None
         self.epoch = 0
-        self.start = 0.0
         self.shown = 0
 
     def __call__(self, epoch: int, done: int, total: int, tally: Tally) -> None:
         if epoch != self.epoch:
             self.close()
-            self.epoch, self.start, self.shown = epoch, time.perf_counter(), 0
-            self.bar = click.progressbar(length=total, file=sys.stderr, width=30)
+            self.epoch, self.shown = epoch, 0
+            self.bar = progress_bar(total)
             self.bar.__enter__()
-        wps = done / max(time.perf_counter() - self.start, 1e-9)
-        self.bar.label = f"epoch {epoch:2d}  {wps:8,.0f} words/s  train entropy {tally.entropy_bits:5.2f} bits"
+        # tally.seconds runs from the start of the epoch, not from this bar's first update.
+        self.bar.label = (f"epoch {epoch:2d}  {tally.words_per_sec:8,.0f} words/s  "
+                          f"train entropy {tally.entropy_bits:5.2f} bits")
         self.bar.update(done - self.shown)
         self.shown = done
 
@@ -40,6 +40,31 @@ class TrainProgress:
         if self.bar is not None:
             self.bar.__exit__(None, None, None)
             self.bar = None
+
+
+class BestSoFar:
+    """A copy of the weights of the best epoch on validation so far (the ones training keeps), so
+    that Ctrl-C in the middle of the next epoch can still save them."""
+
+    def __init__(self, model: RNNLM):
+        self.model = model
+        self.weights = None
+        self.epoch = None
+
+    def note(self, epoch) -> None:
+        if epoch.kept:
+            self.weights, self.epoch = self.model.weights.copy(), epoch
+
+    def save_on_interrupt(self, out: str):
+        """Save them and exit with status 130 (128 + SIGINT), or say nothing was saved."""
+        if self.epoch is None:
+            say("interrupted before any epoch finished well: nothing saved")
+        else:
+            self.model.weights.assign(self.weights)
+            save_model(self.model, out)
+            say(f"interrupted: saved the best model so far (epoch {self.epoch.epoch}, valid perplexity "
+                f"{self.epoch.valid.perplexity:.2f}) to {out}")
+        sys.exit(130)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -72,13 +97,25 @@ def main():
 @click.option("--direct-l2", default=0.0, show_default=True, type=click.FloatRange(0), help="L2 of the direct weights (their own; on small data it matters).")
 @click.option("--direct-rate", default=1.0, show_default=True, type=click.FloatRange(0, min_open=True), help="The direct weights learn at this multiple of α (in training and dynamically).")
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(1, 64), help="Hogwild training threads.")
+@click.option("--sync-words", default=16384, show_default=True, type=click.IntRange(1), help="Under torchrun: words per rank between merges of the ranks' weights.")
+@click.option("--merge", "merge_rule", default="sparse-sum", show_default=True, type=click.Choice(["sparse-sum", "mean"]), help="Under torchrun: average W and X and keep every rank's U and V updates, or average all four.")
+@click.option("--checkpoint", default=None, type=click.Path(dir_okay=False), help="Training checkpoint file, written after every epoch (and every --checkpoint-words).")
+@click.option("--checkpoint-words", default=None, type=click.IntRange(1), help="Also checkpoint inside an epoch, every this many words per process.")
+@click.option("--resume", is_flag=True, help="Continue from --checkpoint if it exists (under torchrun --max-restarts, a restarted group goes on from there).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @friendly_errors
 def train(train_file, valid_file, out, hidden, classes, class_rule, bptt, bptt_block, min_count, lr, l2, min_improvement,
-          max_epochs, seed, direct, direct_order, direct_l2, direct_rate, threads, as_json):
-    """Train a model with SGD, truncated BPTT and the halving learning-rate schedule."""
-    from .train import train as run_training
+          max_epochs, seed, direct, direct_order, direct_l2, direct_rate, threads, sync_words, merge_rule, checkpoint, checkpoint_words, resume, as_json):
+    """Train a model with SGD, truncated BPTT and the halving learning-rate schedule.
 
+    Under torchrun (`torchrun --nproc-per-node N -m rnnlm train ...`) each process learns from its
+    part of the text and the processes merge their weights every --sync-words; rank 0 writes --out.
+    """
+    from .distributed import Launch
+
+    launch = Launch.from_environment()
+
+    check_output_file("--out", out)
     train_words, valid_words = read_tokens(train_file), read_tokens(valid_file)
     config = Config(hidden=hidden, classes=classes, bptt=bptt, bptt_block=bptt_block, min_count=min_count,
                     lr=lr, l2=l2, min_improvement=min_improvement, max_epochs=max_epochs, seed=seed,
@@ -92,14 +129,26 @@ def train(train_file, valid_file, out, hidden, classes, class_rule, bptt, bptt_b
     say(f"vocabulary {len(vocab):,} words ({len(vocab.rare_words):,} rare merged), {vocab.num_classes} classes, "
         f"hidden {hidden}{direct_note}; {len(train_words):,} training words, {threads} thread(s)")
     bar = TrainProgress()
+    best = BestSoFar(model)
 
     def on_epoch(e):
         bar.close()
+        best.note(e)
         say(f"epoch {e.epoch:2d}  α {e.lr:.5f}  train {e.train.words_per_sec:7,.0f} words/s  "
             f"valid perplexity {e.valid.perplexity:8.2f}" + ("" if e.kept else "  (worse: weights restored)"))
 
-    report = run_training(model, train_words, valid_words, threads, bar, on_epoch)
+    try:
+        report = launch.train(model, train_words, valid_words, threads, bar, on_epoch, sync_words=sync_words,
+                              merge_rule=merge_rule, checkpoint=checkpoint, checkpoint_words=checkpoint_words,
+                              resume=resume)
+    except KeyboardInterrupt:
+        bar.close()
+        if not launch.writes_files:
+            sys.exit(130)
+        best.save_on_interrupt(out)
     bar.close()
+    if not launch.writes_files:
+        return
     save_model(model, out)
     best = report.best_valid
     say(f"done in {report.seconds:.1f} s ({report.words_per_sec:,.0f} words/s), "
@@ -153,6 +202,9 @@ def eval_command(model_files, test_file, ngram_file, ngram_weight, weights_text,
                f"words {result['words']:,} (OOV {result['oov']:,}, rare {result['rare']:,})  "
                f"{result['words_per_sec']:,.0f} words/s")
     if mixing:
+        known = result["excluding_unk"]
+        click.echo(f"  excluding <unk> and OOV tokens (as KenLM's 'perplexity excluding OOVs'): perplexity "
+                   f"{known['perplexity']:.2f}  words {known['words']:,} ({known['excluded']:,} left out)")
         for part in result["components"]:
             ppl = "inf" if part["perplexity"] is None else f"{part['perplexity']:.2f}"
             mode = "dynamic" if part["dynamic"] else "static"
@@ -192,6 +244,8 @@ def _eval_mixture(model_files, ngram_file, ngram_weight, weights_text, tune_file
     result = {"models": list(model_files), "ngram": ngram_file, "test": test_file, "mode": mode,
               "dynamic_lr": rule.lr if rule else None, **score.tally.as_dict(), "skipped": score.skipped,
               "weights": score.weights.tolist(), "tuning": tuning,
+              "excluding_unk": {"perplexity": score.known.perplexity, "words": score.known.words,
+                                "excluded": score.tally.words - score.known.words},
               "components": [{k: _finite(v) for k, v in part.items()} for part in score.components]}
     if len(model_files) == 1:
         result["model"] = model_files[0]
@@ -332,6 +386,11 @@ def serve(model_file, bind, pull_bind, metrics_addr, state_dir, port_file, lr, n
     if curve_secret_key is None and (curve_admin_dir or max_domains_per_key):
         raise click.UsageError("--curve-admin-dir and --max-domains-per-key tell clients apart by their CURVE keys: "
                                "give --curve-secret-key and --curve-authorized-dir too")
+    # Addresses first: a typo should be the one thing said, before any warning or model loading.
+    _check_bindable("--bind", bind)
+    if pull_bind:
+        _check_bindable("--pull-bind", pull_bind)
+    _check_listenable("--metrics-addr", metrics_addr)
     if guard_margin is not None and not shadow_sample:
         raise click.UsageError("--guard-margin compares against the base model's shadow: give --shadow-sample too")
     weights = None
@@ -387,7 +446,7 @@ def serve(model_file, bind, pull_bind, metrics_addr, state_dir, port_file, lr, n
 def stream(file, connect, stream_id, domain, no_learn, window, timeout, every, as_json, curve_secret_key,
            curve_server_key):
     """Stream FILE line by line through a running daemon and show its running perplexity."""
-    from rnnlm.clients.client import Client, DaemonError, score_fields
+    from rnnlm.clients.client import Client, DaemonError, EndpointError, ReplyTimeout, score_fields
 
     if (curve_secret_key is None) != (curve_server_key is None):
         raise click.UsageError("--curve-secret-key and --curve-server-key go together")
@@ -397,12 +456,11 @@ def stream(file, connect, stream_id, domain, no_learn, window, timeout, every, a
     done, span_start = 0, 1
     start = time.perf_counter()
     requests = ({"op": "score", **score_fields(line, None, stream_id, domain, not no_learn)} for line in lines)
-    # With --every, one line per span replaces the progress bar.
-    bar = click.progressbar(length=len(lines), file=sys.stderr, width=30, label="streaming", hidden=bool(every))
+    # With --every, one line per span replaces the progress bar; on a pipe there is no bar.
+    bar = progress_bar(len(lines), "streaming", hidden=bool(every))
     try:
         with Client(connect, timeout=timeout, curve=curve) as client, bar:
             for reply in client.pipeline(requests, window):
-                reply = client.checked(reply)
                 done += 1
                 for t in (tally, span):
                     t.add_counts(reply["tokens"], len(reply["oov"]), len(reply["rare"]), reply["loss"])
@@ -411,10 +469,14 @@ def stream(file, connect, stream_id, domain, no_learn, window, timeout, every, a
                 if every and (done % every == 0 or done == len(lines)):
                     say(f"lines {span_start:>6,}-{done:<6,}  perplexity {span.perplexity:8.2f}   running {tally.perplexity:8.2f}")
                     span, span_start = Tally(), done + 1
-    except TimeoutError as err:
-        raise click.ClickException(f"{err} (is the daemon running?)") from None
+    except EndpointError as err:
+        raise BadValue("--connect", connect, err.reason) from None
+    except ReplyTimeout as err:
+        raise click.ClickException(f"{err} (is the daemon running?); {done:,} lines scored") from None
     except DaemonError as err:
-        raise click.ClickException(f"the daemon refused the text: {err}") from None
+        # The pipeline stops at the first refusal: the lines after it were not all scored.
+        raise click.ClickException(f"the daemon refused line {done + 1} of {file}: {err}; "
+                                   f"{done:,} lines scored before it") from None
     tally.seconds = time.perf_counter() - start
     result = {"endpoint": connect, "stream": stream_id, "domain": domain, "learn": not no_learn, **tally.as_dict()}
     if as_json:
@@ -477,6 +539,52 @@ def rescore(nbest_file, refs_file, model_files, ngram_file, ngram_weight, weight
 from .ngram_cli import ngram_group  # noqa: E402  (a command group of its own module)
 
 main.add_command(ngram_group)
+
+
+def _check_bindable(option: str, endpoint: str) -> None:
+    """Bind a throwaway ZeroMQ socket to `endpoint` and close it: the daemon's own bind, tried early."""
+    import errno
+
+    import zmq
+
+    ctx = zmq.Context()
+    socket = ctx.socket(zmq.ROUTER)
+    socket.setsockopt(zmq.LINGER, 0)
+    try:
+        socket.bind(endpoint)
+    except zmq.ZMQError as err:
+        if err.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+            raise option_error(option, endpoint, f"cannot bind: {zmq.strerror(err.errno)}") from None
+        why = {errno.ENODEV: "no local address or interface of that name",
+               errno.EPROTONOSUPPORT: "unknown transport (use tcp://, ipc:// or inproc://)"}.get(err.errno, zmq.strerror(err.errno))
+        raise BadValue(option, endpoint, f"{why}; expected e.g. tcp://127.0.0.1:5555") from None
+    finally:
+        socket.close(0)
+        ctx.term()
+
+
+def _check_listenable(option: str, addr: str) -> None:
+    """HOST:PORT that an HTTP server can listen on (tried, then closed), said before anything starts."""
+    import socket
+
+    host, _, port = addr.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise BadValue(option, addr, "expected HOST:PORT, e.g. 127.0.0.1:9109 (port 0 picks one)")
+    try:
+        family, kind, proto, _, where = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as err:
+        raise BadValue(option, addr, f"unknown host {host!r} ({err.strerror})") from None
+    probe = socket.socket(family, kind, proto)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the HTTP server will
+        probe.bind(where)
+        probe.listen()
+    except OSError as err:
+        raise option_error(option, addr, f"cannot listen there: {err.strerror}") from None
+    finally:
+        probe.close()
 
 
 def _is_loopback(endpoint: str) -> bool:

@@ -233,6 +233,7 @@ class MixtureScore:
     components: list[dict]  # name, kind, dynamic, weight, perplexity, oov, ...
     skipped: int  # tokens no component could give any probability (closed vocabularies only)
     logp: np.ndarray  # (components × tokens) ln P, for tuning or inspection
+    known: Tally = field(default_factory=Tally)  # the mixture over tokens some component knows by name
 
 
 class Mixture:
@@ -286,7 +287,14 @@ class Mixture:
                 **component.counts(tokens),
             })
         tally.rare = next((p["rare"] for p in parts if "rare" in p), 0)
-        return MixtureScore(tally, self.weights.copy(), parts, len(tokens) - tally.words, logp)
+        return MixtureScore(tally, self.weights.copy(), parts, len(tokens) - tally.words, logp,
+                            self.known_tally(mixed, scored, tokens))
+
+    def known_tally(self, mixed: np.ndarray, scored: np.ndarray, tokens: Sequence[str]) -> Tally:
+        """The mixture over the tokens of W only: the literal `<unk>` and OOVs left out, as KenLM's
+        "perplexity excluding OOVs" counts (the words after them are still scored in their context)."""
+        known = scored & np.fromiter((t in self.words for t in tokens), dtype=bool, count=len(tokens))
+        return Tally(words=int(known.sum()), loss_nats=-float(mixed[known].sum()))
 
     def sentence_logprob(self, words: Sequence[str]) -> float:
         """Total ln P of a sentence and its `</s>` under the mixture (an n-best `lm_scorer`)."""

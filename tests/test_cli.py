@@ -76,7 +76,7 @@ def test_errors_are_one_clear_line(trained, corpus, tmp_path, problem):
     assert "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error:")
-    expected = {"missing": "no such file", "empty": "no text", "latin1": "not UTF-8", "bad-model": "not a readable checkpoint"}
+    expected = {"missing": "no such file", "empty": "no text", "latin1": "not UTF-8", "bad-model": "not an rnnlm-model file, or a damaged one"}
     assert expected[problem] in lines[0]
 
 

@@ -61,7 +61,7 @@ def test_protocol_round_trip(daemon):
         assert c.reset("rt")["existed"] is True
         assert c.reset("rt")["existed"] is False
         stats = c.stats()
-        assert stats["domains"]["default"]["words"] >= 9
+        assert stats["domains"]["default"]["tokens"] >= 9
     # A REQ client (empty delimiter frame) is served the same way.
     reply = raw_request(daemon.endpoint, msgpack.packb({"op": "ping", "id": "req-1"}), kind=zmq.REQ)
     assert reply == {"v": 1, "id": "req-1", "ok": True, "pong": True}

@@ -121,7 +121,7 @@ def test_curve_serves_an_authorised_client_and_refuses_everyone_else(tmp_path, k
         assert after == before, "a refused client reached the model"
         with Client(d.endpoint, curve=(k / "alice.key_secret", k / "server.key")) as alice:
             stats = alice.stats()  # alice's own stats request is the only message since
-            assert stats["domains"]["default"]["words"] == 5 and stats["streams"] == 1
+            assert stats["domains"]["default"]["tokens"] == 5 and stats["streams"] == 1
 
         # The command-line client speaks CURVE too.
         text = tmp_path / "t.txt"
