@@ -513,7 +513,7 @@ def _state_tensors(state: StreamState, copy: bool = False) -> dict:
 
 def _weights_for(model: RNNLM, tensors, where: str) -> Weights:
     cfg, vocab = model.config, model.vocab
-    return weights_from_tensors(tensors, len(vocab), cfg.hidden, vocab.num_classes, where)
+    return weights_from_tensors(tensors, len(vocab), cfg.hidden, vocab.num_classes, where, cfg.direct_size)
 
 
 def _list_of(value, count: int, what: str, where: str) -> list:

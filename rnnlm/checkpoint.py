@@ -8,6 +8,7 @@ a torn one. Reading uses `torch.load(weights_only=True)`: a pickle that tries to
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import warnings
@@ -18,7 +19,7 @@ import torch
 
 from . import kernels
 from .corpus import EOS
-from .model import RNNLM, Config, Weights
+from .model import RNNLM, Config, Weights, check_direct_size
 from .vocab import CLASS_RULES, RARE, Vocabulary
 
 MODEL_FORMAT = "rnnlm-model"
@@ -129,8 +130,13 @@ def weights_to_tensors(weights: Weights, copy: bool = False) -> dict[str, torch.
     return {name: torch.from_numpy(array.copy() if copy else array) for name, array in weights.arrays().items()}
 
 
-def weights_from_tensors(tensors: dict, vocab_size: int, hidden: int, classes: int, where: str) -> Weights:
+def weights_from_tensors(tensors: dict, vocab_size: int, hidden: int, classes: int, where: str,
+                         direct_size: int = 0) -> Weights:
     expected = {"U": (vocab_size, hidden), "W": (hidden, hidden), "V": (vocab_size, hidden), "X": (classes, hidden)}
+    if direct_size:
+        expected["D"] = (direct_size,)
+    elif isinstance(tensors, dict) and "D" in tensors:
+        raise CheckpointError(f"{where}: direct weights D in a model configured without direct connections")
     arrays = {}
     for name, shape in expected.items():
         tensor = tensors.get(name) if isinstance(tensors, dict) else None
@@ -172,11 +178,14 @@ def model_from_payload(payload: dict, where: str) -> RNNLM:
     if isinstance(config.hidden, bool) or not isinstance(config.hidden, int) or not 1 <= config.hidden <= MAX_HIDDEN:
         raise CheckpointError(f"{where}: hidden size {config.hidden!r} is not an integer from 1 to {MAX_HIDDEN}")
     _check_classes(vocab, where)
-    weights = weights_from_tensors(payload.get("weights"), len(vocab), config.hidden, vocab.num_classes, where)
+    _check_direct(config, vocab, where)
+    weights = weights_from_tensors(payload.get("weights"), len(vocab), config.hidden, vocab.num_classes, where,
+                                   config.direct_size)
     return RNNLM(config, vocab, weights)
 
 
 MAX_HIDDEN = 4096  # as `rnnlm train --hidden` allows
+MAX_DIRECT_ORDER = 16  # as `rnnlm train --direct-order` allows
 
 
 def _check_vocab_state(state) -> None:
@@ -212,6 +221,24 @@ def _check_classes(vocab: Vocabulary, where: str) -> None:
           and np.all((of >= 0) & (of < c)) and np.all(np.diff(of) >= 0))
     if not ok:
         raise CheckpointError(f"{where}: the word classes do not cover the vocabulary's {v} ids in {c} ranges")
+
+
+def _check_direct(config: Config, vocab: Vocabulary, where: str) -> None:
+    """Direct settings are finite non-negative numbers and the hash array's halves can hold their blocks.
+
+    The step indexes D at a block start plus a class or word offset, unchecked: a size too small
+    for the vocabulary would write outside the array."""
+    def number(value) -> bool:
+        return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
+    if not all(number(getattr(config, name)) for name in ("direct", "direct_l2", "direct_rate")):
+        raise CheckpointError(f"{where}: direct settings are not finite non-negative numbers")
+    order = config.direct_order
+    if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= MAX_DIRECT_ORDER:
+        raise CheckpointError(f"{where}: direct order {order!r} is not an integer from 1 to {MAX_DIRECT_ORDER}")
+    try:
+        check_direct_size(config, vocab)
+    except ValueError as err:
+        raise CheckpointError(f"{where}: {err}") from None
 
 
 def check_stream_arrays(inputs: np.ndarray, meta: np.ndarray, hidden: np.ndarray, errors: np.ndarray,

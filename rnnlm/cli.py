@@ -92,6 +92,10 @@ def main():
 @click.option("--min-improvement", default=1.003, show_default=True, type=click.FloatRange(1), help="Start halving α when validation log-likelihood improves by less than this factor.")
 @click.option("--max-epochs", default=20, show_default=True, type=click.IntRange(1), help="Upper bound on epochs.")
 @click.option("--seed", default=1, show_default=True, type=int, help="Random seed for the initial weights.")
+@click.option("--direct", default=0.0, show_default=True, type=click.FloatRange(0), help="Direct connections (RNNME): millions of hashed n-gram weights on the outputs; 0 = off.")
+@click.option("--direct-order", default=3, show_default=True, type=click.IntRange(1, 16), help="The direct features see the last 0..N-1 words.")
+@click.option("--direct-l2", default=0.0, show_default=True, type=click.FloatRange(0), help="L2 of the direct weights (their own; on small data it matters).")
+@click.option("--direct-rate", default=1.0, show_default=True, type=click.FloatRange(0, min_open=True), help="The direct weights learn at this multiple of α (in training and dynamically).")
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(1, 64), help="Hogwild training threads.")
 @click.option("--sync-words", default=16384, show_default=True, type=click.IntRange(1), help="Under torchrun: words per rank between merges of the ranks' weights.")
 @click.option("--merge", "merge_rule", default="sparse-sum", show_default=True, type=click.Choice(["sparse-sum", "mean"]), help="Under torchrun: average W and X and keep every rank's U and V updates, or average all four.")
@@ -101,7 +105,7 @@ def main():
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @friendly_errors
 def train(train_file, valid_file, out, hidden, classes, class_rule, bptt, bptt_block, min_count, lr, l2, min_improvement,
-          max_epochs, seed, threads, sync_words, merge_rule, checkpoint, checkpoint_words, resume, as_json):
+          max_epochs, seed, direct, direct_order, direct_l2, direct_rate, threads, sync_words, merge_rule, checkpoint, checkpoint_words, resume, as_json):
     """Train a model with SGD, truncated BPTT and the halving learning-rate schedule.
 
     Under torchrun (`torchrun --nproc-per-node N -m rnnlm train ...`) each process learns from its
@@ -114,11 +118,16 @@ def train(train_file, valid_file, out, hidden, classes, class_rule, bptt, bptt_b
     check_output_file("--out", out)
     train_words, valid_words = read_tokens(train_file), read_tokens(valid_file)
     config = Config(hidden=hidden, classes=classes, bptt=bptt, bptt_block=bptt_block, min_count=min_count,
-                    lr=lr, l2=l2, min_improvement=min_improvement, max_epochs=max_epochs, seed=seed)
+                    lr=lr, l2=l2, min_improvement=min_improvement, max_epochs=max_epochs, seed=seed,
+                    direct=direct, direct_order=direct_order, direct_l2=direct_l2, direct_rate=direct_rate)
     vocab = Vocabulary.build(train_words, min_count, classes, class_rule)
-    model = RNNLM.create(config, vocab)
+    try:
+        model = RNNLM.create(config, vocab)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--direct") from None
+    direct_note = f", direct {config.direct_size:,} weights order {direct_order}" if config.direct_size else ""
     say(f"vocabulary {len(vocab):,} words ({len(vocab.rare_words):,} rare merged), {vocab.num_classes} classes, "
-        f"hidden {hidden}; {len(train_words):,} training words, {threads} thread(s)")
+        f"hidden {hidden}{direct_note}; {len(train_words):,} training words, {threads} thread(s)")
     bar = TrainProgress()
     best = BestSoFar(model)
 
@@ -164,11 +173,12 @@ def train(train_file, valid_file, out, hidden, classes, class_rule, bptt, bptt_b
 @click.option("--tune-on", "tune_file", default=None, type=click.Path(dir_okay=False), help="Tune the mixture weights by EM on this validation text first.")
 @click.option("--dynamic", type=click.FloatRange(0, min_open=True), default=None, help="Dynamic model: learn from each word after scoring it, at this rate (the paper: 0.01); applies to every RNN model.")
 @click.option("--dynamic-bptt", default=OnlineRule.bptt, show_default=True, type=click.IntRange(0, 64), help="Extra steps back in time in each dynamic update (0 = plain backprop).")
+@click.option("--dynamic-direct-rate", type=click.FloatRange(0, min_open=True), default=None, help="Direct weights (RNNME models) learn at this multiple of --dynamic (default: the rate multiple they were trained with).")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(1, 64), help="Static scoring of one model: split the text at sentence ends across threads, each part starting fresh.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @friendly_errors
 def eval_command(model_files, test_file, ngram_file, ngram_weight, weights_text, tune_file, dynamic, dynamic_bptt,
-                 threads, as_json):
+                 dynamic_direct_rate, threads, as_json):
     """Measure perplexity on a text, static or with the dynamic model, of one model or a mixture.
 
     Several --model files and an --ngram ARPA model are interpolated word by word,
@@ -178,7 +188,7 @@ def eval_command(model_files, test_file, ngram_file, ngram_weight, weights_text,
     """
     if not model_files and not ngram_file:
         raise click.UsageError("give at least one --model or an --ngram model")
-    rule = OnlineRule(lr=dynamic, bptt=dynamic_bptt) if dynamic is not None else None
+    rule = OnlineRule(lr=dynamic, bptt=dynamic_bptt, direct_rate=dynamic_direct_rate) if dynamic is not None else None
     _need_files(ngram_file, tune_file)
     mixing = len(model_files) > 1 or ngram_file or weights_text or tune_file or ngram_weight is not None
     if not mixing:

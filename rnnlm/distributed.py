@@ -32,7 +32,7 @@ from .model import RNNLM, Weights
 from .resume import load_training, restore, run_to_state, save_training, text_digest, training_payload
 from .train import EpochReport, EpochRun, TrainReport, Trainer
 
-SPARSE = ("U", "V")  # one row per word: each rank touches few rows between merges
+SPARSE = ("U", "V", "D")  # a row per word, or hash blocks: each rank touches few of them between merges
 MERGE_RULES = ("sparse-sum", "mean")
 TIMEOUT = timedelta(minutes=10)  # a rank that waits this long for the others gives up
 

@@ -5,6 +5,11 @@
     P(c | s) = softmax(X s)[c]                              class layer
     P(w | c, s) = softmax(V[c's rows] s)[w]                 words of the class only
 
+With direct connections (RNNME, `Config.direct`), hashed n-gram features of the last 0..N-1
+words add to the logits: X s + Σ_n D[class_base(n) + c] for the classes, and
+V s + Σ_n D[word_base(n, c) + w - first word of c] for the words of class c. D is one float32
+array; see `direct_bases` for the hashing. With D empty the step is exactly the plain network.
+
 `sgd_pass` is the one learning loop of the project: training epochs, offline dynamic evaluation
 and the daemon all call it. For every word it first computes ln P(word) with the current weights,
 then (when learning) takes one SGD step on -ln P: the output weights right away, the recurrent and
@@ -33,6 +38,41 @@ jit = njit(cache=True, fastmath=FASTMATH, nogil=True, boundscheck=False)
 # meta[] slots of a stream's state
 LAST_WORD, PENDING, FILLED = 0, 1, 2
 
+GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # 2^64 / golden ratio: spreads the class over the word hash
+
+
+@jit
+def mix64(x):
+    """splitmix64's finaliser: every input bit flips about half the output bits."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+@jit
+def history_hash(inputs, K, n):
+    """Hash of the n most recent words, inputs[K] (the last word) back to inputs[K-n+1]; n=0 is the empty history."""
+    h = mix64(np.uint64(n + 1))
+    for b in range(n):
+        h = mix64(h ^ np.uint64(inputs[K - b] + 1))
+    return h
+
+
+@jit
+def direct_bases(size, order, inputs, K, c, classes, span, class_bases, word_bases):
+    """Where the features of histories of 0..order-1 words start in D, for the classes and for class c's words.
+
+    D is split in two halves: the class features (touched at every word, C weights per history)
+    and the word features (a class's words per history and class) never collide with each other.
+    A block of C (or class-size) consecutive weights per history keeps the loops contiguous;
+    the hash picks the block's start so that it fits without wrapping.
+    """
+    half = size // 2
+    for n in range(order):
+        h = history_hash(inputs, K, n)
+        class_bases[n] = np.int64(h % np.uint64(half - classes + 1))
+        word_bases[n] = half + np.int64(mix64(h ^ (np.uint64(c + 1) * GOLDEN)) % np.uint64(half - span + 1))
+
 
 @jit
 def hidden_step(U, W, word, s_prev, s):
@@ -47,8 +87,11 @@ def hidden_step(U, W, word, s_prev, s):
 
 
 @jit
-def softmax_rows(M, lo, hi, s, target, p):
-    """p[k-lo] = softmax over rows lo..hi-1 of (M s); returns ln p[target-lo], computed stably."""
+def softmax_rows(M, lo, hi, s, target, p, D, bases, features):
+    """p[k-lo] = softmax over rows lo..hi-1 of (M s + direct features); returns ln p[target-lo], computed stably.
+
+    The direct features of row k are D[bases[n] + k - lo] for n < features.
+    """
     H = s.shape[0]
     top = -np.inf
     z_target = 0.0
@@ -56,6 +99,8 @@ def softmax_rows(M, lo, hi, s, target, p):
         z = 0.0
         for j in range(H):
             z += M[k, j] * s[j]
+        for n in range(features):
+            z += D[bases[n] + k - lo]
         p[k - lo] = z
         top = max(top, z)
         if k == target:
@@ -71,17 +116,22 @@ def softmax_rows(M, lo, hi, s, target, p):
 
 
 @jit
-def softmax_rows_backward(M, lo, hi, s, target, p, lr, beta, ds):
-    """One SGD step on -ln p[target] for rows lo..hi-1 of M, adding dlnP/ds to `ds`.
+def softmax_rows_backward(M, lo, hi, s, target, p, lr, beta, ds, D, bases, features, d_lr, d_beta):
+    """One SGD step on -ln p[target] for rows lo..hi-1 of M and their direct features, adding dlnP/ds to `ds`.
 
-    d ln p[target] / d z_k = [k == target] - p_k, so row k moves by lr·g_k·s; `ds` is taken from
-    the weights before they move.
+    d ln p[target] / d z_k = [k == target] - p_k, so row k moves by lr·g_k·s and each of its
+    direct weights by d_lr·g_k (L2 d_beta on the weights touched); `ds` is taken from the weights
+    before they move.
     """
     H = s.shape[0]
     for k in range(lo, hi):
         g = -p[k - lo]
         if k == target:
             g += 1.0
+        for n in range(features):
+            i = bases[n] + k - lo
+            d = D[i]
+            D[i] = d + d_lr * (g - d_beta * d)
         for j in range(H):
             m = M[k, j]
             ds[j] += g * m
@@ -134,19 +184,25 @@ def slide_window(hidden, inputs, errors):
 
 
 @jit
-def sgd_pass(U, W, V, X, class_of, class_start, class_end,
+def sgd_pass(U, W, V, X, D, class_of, class_start, class_end,
              hidden, inputs, errors, meta,
-             targets, lr, beta, bptt, block, learn, out_logp):
+             targets, lr, beta, d_lr, d_beta, order, bptt, block, learn, out_logp):
     """Score each target with the current weights (ln P into out_logp), then learn from it.
 
     hidden/inputs/errors/meta are one stream's state (see model.StreamState); they carry the
-    context from one call to the next, so a text may be fed in pieces of any size.
+    context from one call to the next, so a text may be fed in pieces of any size. The direct
+    features (D non-empty) read their history, up to order-1 words, from the window's inputs.
     Returns how many words were learned from; a word whose ln P is not finite is not.
     """
     K = hidden.shape[0] - 1
     H = W.shape[0]
-    p_class = np.empty(X.shape[0], dtype=np.float32)
-    p_word = np.empty(int(np.max(class_end - class_start)), dtype=np.float32)
+    C = X.shape[0]
+    span = int(np.max(class_end - class_start))
+    p_class = np.empty(C, dtype=np.float32)
+    p_word = np.empty(span, dtype=np.float32)
+    features = order if D.shape[0] > 0 else 0
+    class_bases = np.zeros(max(features, 1), dtype=np.int64)
+    word_bases = np.zeros(max(features, 1), dtype=np.int64)
     ds = np.empty(H, dtype=np.float32)
     dz = np.empty((K + 1, H), dtype=np.float32)
     learned = 0
@@ -159,15 +215,18 @@ def sgd_pass(U, W, V, X, class_of, class_start, class_end,
         s = hidden[K]
         c = class_of[target]
         lo, hi = class_start[c], class_end[c]
-        out_logp[t] = softmax_rows(X, 0, X.shape[0], s, c, p_class) + softmax_rows(V, lo, hi, s, target, p_word)
+        if features:
+            direct_bases(D.shape[0], features, inputs, K, c, C, span, class_bases, word_bases)
+        out_logp[t] = (softmax_rows(X, 0, C, s, c, p_class, D, class_bases, features)
+                       + softmax_rows(V, lo, hi, s, target, p_word, D, word_bases, features))
         meta[FILLED] = min(meta[FILLED] + 1, K)
         meta[LAST_WORD] = target
         if not learn or not math.isfinite(out_logp[t]):
             continue
         learned += 1
         ds[:] = 0.0
-        softmax_rows_backward(X, 0, X.shape[0], s, c, p_class, lr, beta, ds)
-        softmax_rows_backward(V, lo, hi, s, target, p_word, lr, beta, ds)
+        softmax_rows_backward(X, 0, C, s, c, p_class, lr, beta, ds, D, class_bases, features, d_lr, d_beta)
+        softmax_rows_backward(V, lo, hi, s, target, p_word, lr, beta, ds, D, word_bases, features, d_lr, d_beta)
         for j in range(H):
             errors[K, j] += ds[j]
         meta[PENDING] += 1

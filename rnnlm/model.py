@@ -6,7 +6,7 @@ training epochs (α=0.1, truncated BPTT), offline dynamic evaluation and the dae
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -29,14 +29,38 @@ class Config:
     max_epochs: int = 20
     seed: int = 1
     init_std: float = 0.1  # Gaussian init; the toolkit's sum of three U(-0.1, 0.1) has std 0.1
+    # Direct connections (RNNME): hashed n-gram features straight to the outputs; 0 = off.
+    direct: float = 0.0  # millions of weights in the hash array (the toolkit's -direct)
+    direct_order: int = 3  # features of the last 0..order-1 words (the toolkit's -direct-order)
+    direct_l2: float = 0.0  # L2 of the direct weights in training, apart from the network's
+    direct_rate: float = 1.0  # the direct weights learn at this multiple of the rate, in training and online
+
+    DIRECT_FIELDS = ("direct", "direct_order", "direct_l2", "direct_rate")
+
+    @property
+    def direct_size(self) -> int:
+        """Weights in the hash array: two equal halves (class features, word features)."""
+        return 2 * int(round(self.direct * 1e6 / 2))
+
+    @property
+    def direct_features(self) -> int:
+        return self.direct_order if self.direct_size else 0
 
     def to_state(self) -> dict:
-        return asdict(self)
+        state = asdict(self)
+        if not self.direct_size:  # a model without direct connections is written as before they existed
+            for name in self.DIRECT_FIELDS:
+                del state[name]
+        return state
 
     @classmethod
     def from_state(cls, state: dict) -> "Config":
         known = cls.__dataclass_fields__
         return cls(**{k: v for k, v in state.items() if k in known})
+
+
+def no_direct() -> np.ndarray:
+    return np.zeros(0, dtype=np.float32)
 
 
 @dataclass
@@ -45,26 +69,35 @@ class Weights:
     W: np.ndarray  # (hidden, hidden) recurrent
     V: np.ndarray  # (vocab, hidden) hidden -> word, rows grouped by class
     X: np.ndarray  # (classes, hidden) hidden -> class
+    D: np.ndarray = field(default_factory=no_direct)  # (direct_size,) hashed n-gram weights; empty = none
 
     NAMES = ("U", "W", "V", "X")
 
     @classmethod
-    def random(cls, vocab_size: int, hidden: int, classes: int, std: float, seed: int) -> "Weights":
+    def random(cls, vocab_size: int, hidden: int, classes: int, std: float, seed: int,
+               direct_size: int = 0) -> "Weights":
         rng = np.random.default_rng(seed)
         def gaussian(*shape):
             return (rng.standard_normal(shape) * std).astype(np.float32)
-        return cls(gaussian(vocab_size, hidden), gaussian(hidden, hidden), gaussian(vocab_size, hidden), gaussian(classes, hidden))
+        # Direct weights start at zero, as in the toolkit: the n-gram features begin silent.
+        return cls(gaussian(vocab_size, hidden), gaussian(hidden, hidden), gaussian(vocab_size, hidden),
+                   gaussian(classes, hidden), np.zeros(direct_size, dtype=np.float32))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The arrays this model has: D only with direct connections."""
+        return self.NAMES + ("D",) if self.D.size else self.NAMES
 
     def copy(self) -> "Weights":
-        return Weights(*(np.array(getattr(self, n), copy=True) for n in self.NAMES))
+        return Weights(**{n: np.array(getattr(self, n), copy=True) for n in self.names})
 
     def assign(self, other: "Weights") -> None:
         """Overwrite in place (arrays shared with running code stay valid)."""
-        for n in self.NAMES:
+        for n in self.names:
             np.copyto(getattr(self, n), getattr(other, n))
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {n: getattr(self, n) for n in self.NAMES}
+        return {n: getattr(self, n) for n in self.names}
 
     def all_finite(self) -> bool:
         return all(np.isfinite(a).all() for a in self.arrays().values())
@@ -106,6 +139,8 @@ class OnlineRule:
 
     lr: float = 0.01
     l2: float = 0.0
+    direct_l2: float = 0.0  # L2 of the direct weights (Config.direct_l2 in training)
+    direct_rate: float | None = None  # the direct weights' rate as a multiple of lr; None: the model's (Config.direct_rate)
     bptt: int = 1
     block: int = 1
     learn: bool = True
@@ -123,11 +158,18 @@ class RNNLM:
 
     @classmethod
     def create(cls, config: Config, vocab: Vocabulary) -> "RNNLM":
-        weights = Weights.random(len(vocab), config.hidden, vocab.num_classes, config.init_std, config.seed)
+        check_direct_size(config, vocab)
+        weights = Weights.random(len(vocab), config.hidden, vocab.num_classes, config.init_std, config.seed,
+                                 config.direct_size)
         return cls(config, vocab, weights)
 
+    def state_window(self, rule: OnlineRule | None = None) -> int:
+        """Steps a stream's window holds: what the rule back-propagates through, and at least the
+        order-1 words of history the direct features hash (they are read from the window's inputs)."""
+        return max((rule or OnlineRule()).window, self.config.direct_features - 1)
+
     def new_state(self, rule: OnlineRule | None = None) -> StreamState:
-        return StreamState(self.config.hidden, self.vocab.eos_id, (rule or OnlineRule()).window)
+        return StreamState(self.config.hidden, self.vocab.eos_id, self.state_window(rule))
 
     def step(self, ids: np.ndarray, state: StreamState, rule: OnlineRule,
              weights: Weights | None = None) -> tuple[np.ndarray, int]:
@@ -138,15 +180,21 @@ class RNNLM:
         This is the online step: training, dynamic evaluation and the daemon all come here.
         `weights` defaults to the model's own; the daemon passes a domain's adapted copy.
         """
-        if state.window < rule.window:
-            raise ValueError(f"stream state holds {state.window} steps, the rule needs {rule.window}")
+        if state.window < self.state_window(rule):
+            raise ValueError(f"stream state holds {state.window} steps, the rule needs {self.state_window(rule)}")
         w = self.weights if weights is None else weights
         v = self.vocab
+        cfg = self.config
+        if w.D.size != cfg.direct_size:  # the step indexes D by hash, unchecked: it must be the size checked at load
+            raise ValueError(f"direct weights hold {w.D.size} values, the model has {cfg.direct_size}")
         ids = np.ascontiguousarray(ids, dtype=np.int32)
         out = np.empty(ids.shape[0], dtype=np.float64)
-        learned = kernels.sgd_pass(w.U, w.W, w.V, w.X, v.class_of, v.class_start, v.class_end,
+        learned = kernels.sgd_pass(w.U, w.W, w.V, w.X, w.D, v.class_of, v.class_start, v.class_end,
                          state.hidden, state.inputs, state.errors, state.meta,
-                         ids, np.float32(rule.lr), np.float32(rule.l2), rule.bptt, rule.block, rule.learn, out)
+                         ids, np.float32(rule.lr), np.float32(rule.l2),
+                         np.float32(rule.lr * (cfg.direct_rate if rule.direct_rate is None else rule.direct_rate)),
+                         np.float32(rule.direct_l2), cfg.direct_features,
+                         rule.bptt, rule.block, rule.learn, out)
         return out, learned
 
     def score_words(self, words: list[str], state: StreamState, rule: OnlineRule,
@@ -159,10 +207,25 @@ class RNNLM:
         return logp, kinds, learned
 
     def describe(self) -> dict:
-        return {
+        described = {
             "vocab_size": len(self.vocab),
             "classes": self.vocab.num_classes,
             "hidden": self.config.hidden,
             "rare_words": len(self.vocab.rare_words),
             "min_count": self.config.min_count,
         }
+        if self.config.direct_size:
+            described.update(direct_weights=self.config.direct_size, direct_order=self.config.direct_order)
+        return described
+
+
+def check_direct_size(config: Config, vocab: Vocabulary) -> None:
+    """Each half of the hash array must hold a block of all classes, and one of the largest class's words."""
+    if not config.direct_size:
+        return
+    if config.direct_order < 1:
+        raise ValueError(f"direct order must be at least 1, not {config.direct_order}")
+    need = max(vocab.num_classes, int(np.max(vocab.class_end - vocab.class_start)))
+    if config.direct_size // 2 < 2 * need:
+        raise ValueError(f"direct size {config.direct_size} is too small for this vocabulary: "
+                         f"each half must hold at least {2 * need} weights")

@@ -105,7 +105,7 @@ def restore(trainer: Trainer, payload: dict, text: str, world_size: int, rank: i
         raise CheckpointError(f"{where}: taken on another training text")
     cfg = model.config
     model.weights.assign(weights_from_tensors(payload["weights"], len(model.vocab), cfg.hidden,
-                                              model.vocab.num_classes, where))
+                                              model.vocab.num_classes, where, cfg.direct_size))
     s = payload["schedule"]
     trainer.schedule.epoch, trainer.schedule.lr = s["epoch"], s["lr"]
     trainer.schedule.halving, trainer.schedule.finished = s["halving"], s["finished"]
@@ -122,6 +122,6 @@ def restore(trainer: Trainer, payload: dict, text: str, world_size: int, rank: i
     mine = payload["runs"][rank]
     trainer.start_epoch()
     trainer.epoch_start.assign(weights_from_tensors(payload["epoch_start"], len(model.vocab), cfg.hidden,
-                                                    model.vocab.num_classes, where))
+                                                    model.vocab.num_classes, where, cfg.direct_size))
     trainer.run = EpochRun(model, trainer.ids, trainer.run.rule, trainer.threads, position=mine["position"],
                            states=states_from_state(mine["states"], len(model.vocab), where), tally=tally_from_state(mine["tally"]))

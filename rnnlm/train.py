@@ -63,7 +63,7 @@ class EpochRun:
         self.shards = np.array_split(ids, threads)
         self.states = states or [model.new_state(rule) for _ in self.shards]
         own = model.weights
-        self.replicas = [own] + [Weights(U=own.U, W=own.W.copy(), V=own.V, X=own.X.copy()) for _ in self.shards[1:]]
+        self.replicas = [own] + [Weights(U=own.U, W=own.W.copy(), V=own.V, X=own.X.copy(), D=own.D) for _ in self.shards[1:]]
         self.words_per_round = SYNC_WORDS if threads > 1 else CHUNK
         self.length = max(len(s) for s in self.shards)
         self.position = position
@@ -213,7 +213,7 @@ class Trainer:
 
     def start_epoch(self) -> None:
         cfg = self.model.config
-        rule = OnlineRule(lr=self.schedule.lr, l2=cfg.l2, bptt=cfg.bptt, block=cfg.bptt_block)
+        rule = OnlineRule(lr=self.schedule.lr, l2=cfg.l2, direct_l2=cfg.direct_l2, bptt=cfg.bptt, block=cfg.bptt_block)
         self.epoch_start = self.model.weights.copy()
         self.run = EpochRun(self.model, self.ids, rule, self.threads)
 

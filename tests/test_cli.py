@@ -87,3 +87,20 @@ def test_help_explains_the_commands():
         assert command in r.stdout
     r = rnnlm("eval", "--help")
     assert "--dynamic" in r.stdout and "0.01" in r.stdout
+
+
+def test_train_with_direct_connections_and_a_size_too_small(corpus, tmp_path):
+    out = tmp_path / "rnnme.pt"
+    common = ("train", "--train", corpus / "train.txt", "--valid", corpus / "valid.txt", "--out", out,
+              "--hidden", 8, "--classes", 4, "--max-epochs", 3, "--threads", 2)
+    r = rnnlm(*common, "--direct", 0.01, "--direct-order", 4, "--direct-l2", 1e-4, "--json")
+    assert r.returncode == 0, r.stderr
+    assert "direct 10,000 weights order 4" in r.stderr
+    from rnnlm.checkpoint import load_model
+    model = load_model(out)
+    assert (model.config.direct_size, model.config.direct_order, model.config.direct_l2) == (10_000, 4, 1e-4)
+    assert model.weights.D.any()
+    dynamic = rnnlm("eval", "--model", out, "--test", corpus / "test.txt", "--dynamic", 0.01, "--json")
+    assert dynamic.returncode == 0 and json.loads(dynamic.stdout)["perplexity"] < 15, dynamic.stderr
+    too_small = rnnlm(*common, "--direct", 0.00001)
+    assert too_small.returncode == 2 and "direct size 10 is too small" in too_small.stderr

@@ -376,3 +376,17 @@ def test_a_finished_run_resumed_with_more_epochs_ends_as_the_longer_run(tmp_path
     a, b = load_model(out), load_model(one_process_model)
     for name in Weights.NAMES:
         assert np.array_equal(getattr(a.weights, name), getattr(b.weights, name)), name
+
+
+def test_a_direct_model_resumed_with_more_epochs_ends_as_the_longer_run(tmp_path, corpus):
+    direct = ("--direct", "0.01", "--direct-order", "3", "--direct-l2", "1e-4")
+    whole, out, checkpoint = tmp_path / "whole.pt", tmp_path / "m.pt", tmp_path / "train.ckpt"
+    run([str(BIN / "rnnlm"), *train_args(corpus, whole, *direct, "--max-epochs", "3")])
+    run([str(BIN / "rnnlm"), *train_args(corpus, out, *direct, "--checkpoint", checkpoint, "--max-epochs", "2")])
+    result = run([str(BIN / "rnnlm"), *train_args(corpus, out, *direct, "--checkpoint", checkpoint,
+                                                   "--max-epochs", "3", "--resume")])
+    assert "resumed from" in result.stderr, result.stderr[-2000:]
+    a, b = load_model(out), load_model(whole)
+    assert a.weights.D.any()
+    for name in (*Weights.NAMES, "D"):
+        assert np.array_equal(getattr(a.weights, name), getattr(b.weights, name)), name

@@ -260,3 +260,18 @@ def test_rescore_picks_better_hypotheses_with_a_better_lm(files, tmp_path):
     assert mixed["weights"] == [0.75, 0.25]
     best = dict(line.split(maxsplit=1) for line in (tmp_path / "best.txt").read_text().splitlines())
     assert len(best) == len(refs)
+
+
+def test_a_direct_model_mixes_with_an_ngram_static_and_dynamic(files, tmp_path):
+    lines = grammar(600, seed=0)[:400]
+    words = tokens_of(lines)
+    config = Config(hidden=8, classes=4, max_epochs=3, direct=0.004, direct_order=3)
+    model = RNNLM.create(config, Vocabulary.build(words, 1, 4))
+    train(model, words, words[: len(words) // 5])
+    save_model(model, tmp_path / "direct.pt")
+    test, kn = files / "test.txt", files / "kn3.arpa"
+    for extra in ([], ["--dynamic", 0.05]):
+        alone = eval_json("--model", tmp_path / "direct.pt", *extra, "--test", test)
+        mix = eval_json("--model", tmp_path / "direct.pt", "--ngram", kn, *extra, "--test", test)
+        assert mix["components"][0]["perplexity"] == pytest.approx(alone["perplexity"], rel=1e-9)
+        assert mix["perplexity"] < max(alone["perplexity"], mix["components"][1]["perplexity"])

@@ -185,3 +185,66 @@ def test_bad_checkpoints_are_refused(tmp_path, content):
         path.write_bytes(b"\x00not a model at all" * 10)
     with pytest.raises(CheckpointError):
         load_model(path)
+
+
+# Direct connections (RNNME)
+
+def direct_config(**kw):
+    return Config(hidden=8, classes=3, max_epochs=4, direct=0.004, direct_order=3, direct_l2=1e-6, **kw)
+
+
+def test_direct_weights_train_with_threads_and_survive_a_checkpoint(tmp_path):
+    lines = toy_text(400, seed=3)
+    words, valid = words_of(lines[:340]), words_of(lines[340:])
+    model = RNNLM.create(direct_config(), Vocabulary.build(words, num_classes=3))
+    assert model.weights.D.shape == (4000,) and not model.weights.D.any()
+    train(model, words, valid, threads=2)
+    assert np.count_nonzero(model.weights.D) > 50
+    assert evaluate(model, valid).perplexity < len(model.vocab) / 2
+
+    path = tmp_path / "direct.pt"
+    save_model(model, path)
+    loaded = load_model(path)
+    assert loaded.config == model.config and loaded.config.direct_size == 4000
+    np.testing.assert_array_equal(loaded.weights.D, model.weights.D)
+    for rule in (None, OnlineRule(lr=0.01)):
+        a = evaluate(model, valid, rule, weights=model.weights.copy())
+        b = evaluate(loaded, valid, rule, weights=loaded.weights.copy())
+        assert a.loss_nats == b.loss_nats
+
+
+def test_a_model_without_direct_connections_is_written_as_before_they_existed(tmp_path):
+    model = RNNLM.create(Config(hidden=4, classes=2), Vocabulary.build("a b c </s>".split(), 1, 2))
+    path = tmp_path / "m.pt"
+    save_model(model, path)
+    payload = torch.load(path, weights_only=True)
+    assert sorted(payload["weights"]) == ["U", "V", "W", "X"]
+    assert not any(key.startswith("direct") for key in payload["config"])
+    assert load_model(path).config.direct_size == 0
+
+
+@pytest.mark.parametrize("damage", ["missing", "wrong size", "unexpected", "too small", "order", "rate", "nan"])
+def test_damaged_direct_weights_are_refused(tmp_path, damage):
+    words = "a b c d </s>".split()
+    model = RNNLM.create(Config(hidden=4, classes=2, direct=0.001, direct_order=2), Vocabulary.build(words, 1, 2))
+    path = tmp_path / "m.pt"
+    save_model(model, path)
+    payload = torch.load(path, weights_only=True)
+    if damage == "missing":
+        del payload["weights"]["D"]
+    elif damage == "wrong size":
+        payload["weights"]["D"] = torch.zeros(999)
+    elif damage == "unexpected":
+        payload["config"]["direct"] = 0.0
+    elif damage == "too small":
+        payload["config"]["direct"] = 0.000004  # 4 weights: the halves cannot hold the classes
+        payload["weights"]["D"] = torch.zeros(4)
+    elif damage == "order":
+        payload["config"]["direct_order"] = 0
+    elif damage == "rate":
+        payload["config"]["direct_rate"] = "fast"
+    else:
+        payload["weights"]["D"][7] = float("nan")
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="direct|D"):
+        load_model(path)
