@@ -23,7 +23,9 @@ fresh_copy() {
     pristine_debian_root
     cp -a "$PRISTINE/." "$root/"
     rm -f "$root/.complete"
-    cp /etc/resolv.conf "$root/etc/resolv.conf"
+    # A machine's own name and localhost resolve on any installed system (torchrun's rendezvous
+    # needs them); debootstrap leaves /etc/hosts to the installer, so it comes from this machine.
+    cp /etc/resolv.conf /etc/hosts /etc/hostname "$root/etc/"
     mkdir -p "$root/etc/rnnlm-ci" "$root/opt/wheels"
     cp /etc/ssl/certs/ca-certificates.crt "$root/etc/rnnlm-ci/ca-bundle.crt"
 }
