@@ -32,6 +32,9 @@ fresh_copy() {
 
 mount_for_chroot() {
     local root=$1
+    # The root a mount point of its own, as / is on a booted system: `ip -n` (network namespaces)
+    # remounts / as a slave, which fails on a plain directory.
+    mount --bind "$root" "$root" && mount --make-private "$root"
     mount -t proc proc "$root/proc"
     mount --rbind /sys "$root/sys" && mount --make-rslave "$root/sys"
     mount --rbind /dev "$root/dev" && mount --make-rslave "$root/dev"
@@ -46,4 +49,5 @@ unmount_chroot() {
     umount -R "$root/proc" "$root/sys" "$root/dev" "$root/tmp" "$root/opt/wheels" 2>/dev/null || true
     # anything a test mounted inside (tmpfs for disk-full tests, network namespaces)
     grep -o " $root[^ ]*" /proc/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
+    umount -R "$root" 2>/dev/null || true
 }
