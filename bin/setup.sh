@@ -41,6 +41,7 @@ need_test_tools() {
     pkg-config --exists libzmq 2>/dev/null || { missing+=("libzmq headers"); packages+=(libzmq3-dev); }
     [[ -f /usr/include/msgpack.h ]] || { missing+=("msgpack-c headers"); packages+=(libmsgpack-dev); }
     command -v ip >/dev/null || { missing+=(ip); packages+=(iproute2); }
+    command -v git >/dev/null || { missing+=(git); packages+=(git); }  # the wheel test builds from the files git knows
     command -v mount >/dev/null || { missing+=(mount); packages+=(mount); }
     if (( ${#packages[@]} )); then
         local list

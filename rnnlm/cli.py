@@ -48,22 +48,24 @@ class BestSoFar:
 
     def __init__(self, model: RNNLM):
         self.model = model
-        self.weights = None
-        self.epoch = None
+        self.best = None  # (a copy of the weights, the epoch they finished); one attribute, set at once
 
     def note(self, epoch) -> None:
         if epoch.kept:
-            self.weights, self.epoch = self.model.weights.copy(), epoch
+            self.best = (self.model.weights.copy(), epoch)
 
     def save_on_interrupt(self, out: str):
-        """Save them and exit with status 130 (128 + SIGINT), or say nothing was saved."""
-        if self.epoch is None:
+        """Save them and exit with status 130 (128 + SIGINT), or say nothing was saved.
+
+        The copy is saved as a model of its own rather than copied back into the live arrays: a
+        training thread may still be finishing its round when the interrupt arrives."""
+        if self.best is None:
             say("interrupted before any epoch finished well: nothing saved")
         else:
-            self.model.weights.assign(self.weights)
-            save_model(self.model, out)
-            say(f"interrupted: saved the best model so far (epoch {self.epoch.epoch}, valid perplexity "
-                f"{self.epoch.valid.perplexity:.2f}) to {out}")
+            weights, epoch = self.best
+            save_model(RNNLM(self.model.config, self.model.vocab, weights), out)
+            say(f"interrupted: saved the best model so far (epoch {epoch.epoch}, valid perplexity "
+                f"{epoch.valid.perplexity:.2f}) to {out}")
         sys.exit(130)
 
 
