@@ -14,6 +14,7 @@ while a checkpoint was being taken or written.
 from __future__ import annotations
 
 import argparse
+import gc
 import re
 import tempfile
 import threading
@@ -113,7 +114,10 @@ def main() -> None:
 
         thread = threading.Thread(target=trickle, daemon=True)
         thread.start()
+        gc.freeze()  # this process's own collector pauses would otherwise be counted as the daemon's
+        gc.disable()
         pings, peak = probe_on_a_schedule(ports["endpoint"], args.seconds, proc.pid)
+        gc.enable()
         stop.set()
         thread.join()
     finally:

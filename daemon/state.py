@@ -192,8 +192,7 @@ class StateStore:
         self.in_flight = write
         write.thread.start()
 
-    @staticmethod
-    def _write(write: Write) -> None:
+    def _write(self, write: Write) -> None:
         try:  # on a busy machine the serving thread comes first (Linux: nice applies per thread)
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
         except (OSError, AttributeError):
@@ -204,6 +203,14 @@ class StateStore:
             write.error = err
         finally:
             write.snapshot.drop()  # hundreds of MB given back here, not in the main thread
+        if write.error is None:
+            self._rotate()
+
+    def _rotate(self) -> None:
+        """Remove all but the newest `keep` files, once a new one is complete. In the writer
+        thread: freeing a file of hundreds of MB takes the file system tens of milliseconds."""
+        for old in self.files()[:-self.keep]:
+            old.unlink(missing_ok=True)
 
     def poll(self) -> Path | None | bool:
         """Finish the write in flight if it is done: its path, None if it failed, False if none finished."""
@@ -223,8 +230,6 @@ class StateStore:
         if self.failures:
             log.info("checkpoints are written again, after %d failed attempt(s)", self.failures)
         self.failures, self.retry_at, self.last_path = 0, 0.0, write.path
-        for old in self.files()[:-self.keep]:
-            old.unlink(missing_ok=True)
         log.info("checkpoint %s (%s, %.0f ms, of which %.0f ms taking the snapshot)", write.path, write.why,
                  1000 * (time.perf_counter() - write.started), 1000 * write.snapshot_seconds)
         return write.path
