@@ -11,7 +11,8 @@ The methods and the error policy are those of `rnnlm.clients.client.Client` (err
 One client may be shared by any number of coroutines: each request gets an id and a future, one
 receiver task reads every reply and resolves the future of the request it answers. A request that
 timed out (or whose coroutine was cancelled) is abandoned, and its late reply is dropped by id.
-Replies of one stream keep the order in which its requests were sent.
+Replies of one stream keep the order in which its requests were sent. In a fleet, `moved` replies
+are followed as Client follows them.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from typing import AsyncIterable, Iterable
 import zmq
 import zmq.asyncio
 
-from .common import (ClientError, DaemonError, EndpointError, PendingReplies, ReplyTimeout, StreamNumbers, checked,
-                     connected_dealer, decode_reply, encode_request, score_fields)
+from .common import (MAX_REDIRECTS, ClientError, DaemonError, EndpointError, PendingReplies, ReplyTimeout, Routes,
+                     StreamNumbers, checked, connected_dealer, decode_reply, encode_request, score_fields)
 
 __all__ = ["AsyncClient", "ClientError", "DaemonError", "EndpointError", "ReplyTimeout"]
 
@@ -40,10 +41,11 @@ class AsyncClient:
         self.retries = retries
         self.numbers = StreamNumbers()
         self.ctx = context or zmq.asyncio.Context.instance()
-        self.socket = connected_dealer(self.ctx, endpoint, curve)
+        self.curve = curve
+        self.routes = Routes(endpoint)
+        self.links: dict[str, AsyncLink] = {}
+        self.socket = self.link(endpoint).socket  # the first daemon's; others are connected when a reply names them
         self.ids = itertools.count(1)
-        self.pending = PendingReplies()
-        self.receiver: asyncio.Task | None = None
         self.stale_replies = 0  # late replies to abandoned requests, dropped
 
     async def __aenter__(self) -> "AsyncClient":
@@ -53,17 +55,27 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
-        if self.receiver is not None:
-            self.receiver.cancel()
-            await asyncio.gather(self.receiver, return_exceptions=True)
-            self.receiver = None
-        self.socket.close(0)
+        for link in self.links.values():
+            if link.receiver is not None:
+                link.receiver.cancel()
+                await asyncio.gather(link.receiver, return_exceptions=True)
+                link.receiver = None
+            link.socket.close(0)
+
+    def link(self, endpoint: str) -> "AsyncLink":
+        if endpoint not in self.links:
+            self.links[endpoint] = AsyncLink(endpoint, connected_dealer(self.ctx, endpoint, self.curve))
+        return self.links[endpoint]
 
     # --- one request ---------------------------------------------------------------------------
 
     async def request(self, op: str, check: bool = True, **fields) -> dict:
-        rid, future = await self.send(op, **fields)
-        reply = await self.wait(rid, future)
+        """Send one request and wait for its reply; a `moved` reply sends it again to the owner."""
+        for _ in range(MAX_REDIRECTS + 1):
+            rid, future = await self.send(op, **fields)
+            reply = await self.wait(rid, future)
+            if not self.routes.follow(op, fields, reply):
+                break
         return checked(reply) if check else reply
 
     async def score(self, text: str | None = None, *, tokens: list[str] | None = None, stream: str = "default",
@@ -115,40 +127,51 @@ class AsyncClient:
         replies in request order, as Client.pipeline does (same error policy; leaving early
         abandons what is in flight)."""
         source = aiter(requests) if hasattr(requests, "__aiter__") else _as_async(requests)
-        in_flight: deque[tuple[int, asyncio.Future]] = deque()
+        in_flight: deque[tuple[int, asyncio.Future, dict]] = deque()
         exhausted = False
+        draining = False  # after a `moved`: nothing new is sent until what is in flight is settled
         try:
             while True:
-                while not exhausted and len(in_flight) < window:
+                while not exhausted and not draining and len(in_flight) < window:
                     fields = await anext(source, None)
                     if fields is None:
                         exhausted = True
                     else:
                         if fields.get("op") == "score" and "stream" in fields:
                             self.numbers.forget(fields)  # pipelined messages are not numbered
-                        in_flight.append(await self.send(**fields))
+                        in_flight.append((*await self.send(**fields), fields))
                 if not in_flight:
+                    if draining:
+                        draining = False
+                        continue
                     return
-                reply = await self.wait(*in_flight[0])
+                rid, future, fields = in_flight[0]
+                reply = await self.wait(rid, future)
                 in_flight.popleft()
+                request = dict(fields)
+                op = request.pop("op")
+                if self.routes.follow(op, request, reply):  # sent again in order, as Client.pipeline does
+                    draining = True
+                    reply = await self.request(op, False, **request)
                 yield checked(reply) if check else reply
         finally:
-            for rid, _ in in_flight:
-                self.pending.abandon(rid)
+            for rid, _, _ in in_flight:
+                self.abandon(rid)
 
     # --- frames --------------------------------------------------------------------------------
 
     async def send(self, op: str, **fields) -> tuple[int, asyncio.Future]:
-        self.start_receiver()
+        link = self.link(self.routes.endpoint_for(op, fields))
+        self.start_receiver(link)
         rid = next(self.ids)
         future = asyncio.get_running_loop().create_future()
         # Registered before the frame leaves, with no await in between: the pending order is the
         # order on the wire, which is what matches a nil-id error to its request.
-        self.pending.add(rid, future)
+        link.pending.add(rid, future)
         try:
-            await self.socket.send(encode_request(op, rid, fields))
+            await link.socket.send(encode_request(op, rid, fields))
         except BaseException:
-            self.pending.abandon(rid)
+            link.pending.abandon(rid)
             raise
         return rid, future
 
@@ -156,30 +179,45 @@ class AsyncClient:
         try:
             return await asyncio.wait_for(future, self.timeout)
         except asyncio.TimeoutError:
-            self.pending.abandon(rid)
-            raise ReplyTimeout(f"no reply from {self.endpoint} within {self.timeout:g} s") from None
+            endpoint = next((l.endpoint for l in self.links.values() if rid in l.pending.waiting), self.endpoint)
+            self.abandon(rid)
+            raise ReplyTimeout(f"no reply from {endpoint} within {self.timeout:g} s") from None
         except BaseException:  # the caller was cancelled
-            self.pending.abandon(rid)
+            self.abandon(rid)
             raise
 
-    def start_receiver(self) -> None:
-        if self.receiver is None or self.receiver.done():
-            self.receiver = asyncio.get_running_loop().create_task(self.receive_replies())
+    def abandon(self, rid: int) -> None:
+        for link in self.links.values():
+            link.pending.abandon(rid)
 
-    async def receive_replies(self) -> None:
-        """The one reader of the socket: hands each reply to the future of the request it answers."""
+    def start_receiver(self, link: "AsyncLink") -> None:
+        if link.receiver is None or link.receiver.done():
+            link.receiver = asyncio.get_running_loop().create_task(self.receive_replies(link))
+
+    async def receive_replies(self, link: "AsyncLink") -> None:
+        """The one reader of a link's socket: hands each reply to the future of the request it answers."""
         try:
             while True:
-                reply = decode_reply(await self.socket.recv())
-                matched = self.pending.match(reply)
+                reply = decode_reply(await link.socket.recv())
+                matched = link.pending.match(reply)
                 if matched is None:
                     self.stale_replies += 1
                 elif not matched[1].done():
                     matched[1].set_result(reply)
         except zmq.ZMQError as err:
-            for future in list(self.pending.waiting.values()):
+            for future in list(link.pending.waiting.values()):
                 if isinstance(future, asyncio.Future) and not future.done():
-                    future.set_exception(ClientError(f"connection to {self.endpoint} failed: {err.strerror}"))
+                    future.set_exception(ClientError(f"connection to {link.endpoint} failed: {err.strerror}"))
+
+
+class AsyncLink:
+    """One connection: a DEALER socket to one daemon, its requests not answered yet, and its reader."""
+
+    def __init__(self, endpoint: str, socket: zmq.asyncio.Socket):
+        self.endpoint = endpoint
+        self.socket = socket
+        self.pending = PendingReplies()
+        self.receiver: asyncio.Task | None = None
 
 
 async def _as_async(items: Iterable[dict]):

@@ -16,6 +16,10 @@ its totals. Pass `check=False` to get error replies back as replies instead (for
 outcomes). No reply within `timeout` raises `ReplyTimeout` (a `TimeoutError`); an endpoint that
 cannot be connected to raises `EndpointError` (a `ValueError`); all three are `ClientError`s.
 
+In a fleet of daemons (`rnnlm serve --fleet`), give any member's endpoint: a member asked for a
+domain it does not own answers `moved`, and the client sends the request again to the owner,
+remembers it, and sends that domain's later requests straight there (`client.routes`).
+
 For a daemon running CURVE (`rnnlm serve --curve-secret-key ... --curve-authorized-dir ...`), give
 this client's key pair and the daemon's public key:
 
@@ -31,8 +35,8 @@ from typing import Iterable, Iterator
 
 import zmq
 
-from .common import (VERSION, ClientError, DaemonError, EndpointError, PendingReplies, ReplyTimeout, StreamNumbers,
-                     checked, connected_dealer, decode_reply, encode_request, score_fields)
+from .common import (MAX_REDIRECTS, VERSION, ClientError, DaemonError, EndpointError, PendingReplies, ReplyTimeout,
+                     Routes, StreamNumbers, checked, connected_dealer, decode_reply, encode_request, score_fields)
 
 __all__ = ["Client", "ClientError", "DaemonError", "EndpointError", "ReplyTimeout", "VERSION", "score_fields"]
 
@@ -48,9 +52,11 @@ class Client:
         self.retries = retries
         self.numbers = StreamNumbers()
         self.ctx = context or zmq.Context.instance()
-        self.socket = connected_dealer(self.ctx, endpoint, curve)
+        self.curve = curve
+        self.routes = Routes(endpoint)
+        self.links: dict[str, Link] = {}
+        self.socket = self.link(endpoint).socket  # the first daemon's; others are connected when a reply names them
         self.ids = itertools.count(1)
-        self.pending = PendingReplies()
         self.stale_replies = 0  # late replies to abandoned requests, dropped
 
     def __enter__(self) -> "Client":
@@ -60,17 +66,27 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        self.socket.close(0)
+        for link in self.links.values():
+            link.socket.close(0)
+
+    def link(self, endpoint: str) -> "Link":
+        if endpoint not in self.links:
+            self.links[endpoint] = Link(endpoint, connected_dealer(self.ctx, endpoint, self.curve))
+        return self.links[endpoint]
 
     # --- one request at a time -----------------------------------------------------------------
 
     def request(self, op: str, check: bool = True, **fields) -> dict:
-        rid = self.send(op, **fields)
-        try:
-            reply = self.receive(time.monotonic() + self.timeout)
-        except BaseException:
-            self.pending.abandon(rid)
-            raise
+        """Send one request and wait for its reply; a `moved` reply sends it again to the owner."""
+        for _ in range(MAX_REDIRECTS + 1):
+            rid = self.send(op, **fields)
+            try:
+                reply = self.receive(time.monotonic() + self.timeout)
+            except BaseException:
+                self.abandon(rid)
+                raise
+            if not self.routes.follow(op, fields, reply):
+                break
         return checked(reply) if check else reply
 
     def score(self, text: str | None = None, *, tokens: list[str] | None = None, stream: str = "default",
@@ -123,44 +139,84 @@ class Client:
         yielded like the others). Whatever ends the pipeline early (an error, a timeout, the caller
         leaving the loop) abandons the requests still in flight: the daemon still handles them, and
         their replies are dropped when they arrive."""
-        in_flight: deque[int] = deque()
+        in_flight: deque[tuple[int, dict]] = deque()
         arrived: dict[int, dict] = {}
         requests = iter(requests)
+        draining = False  # after a `moved`: nothing new is sent until what is in flight is settled
         try:
             while True:
-                while len(in_flight) < window and (fields := next(requests, None)) is not None:
+                while not draining and len(in_flight) < window and (fields := next(requests, None)) is not None:
                     if fields.get("op") == "score" and "stream" in fields:
                         self.numbers.forget(fields)  # pipelined messages are not numbered
-                    in_flight.append(self.send(**fields))
+                    in_flight.append((self.send(**fields), fields))
                 if not in_flight:
+                    if draining:
+                        draining = False
+                        continue
                     return
                 deadline = time.monotonic() + self.timeout
-                while in_flight[0] not in arrived:
+                while in_flight[0][0] not in arrived:
                     reply = self.receive(deadline)
                     arrived[reply["id"]] = reply
-                reply = arrived.pop(in_flight.popleft())
+                rid, fields = in_flight.popleft()
+                reply = arrived.pop(rid)
+                request = dict(fields)
+                op = request.pop("op")
+                if self.routes.follow(op, request, reply):
+                    # Sent again, in order, before anything later of its stream: the ones behind it,
+                    # already on their way to the old owner, come back `moved` too and are sent
+                    # again when their turn comes.
+                    draining = True
+                    reply = self.request(op, False, **request)
                 yield checked(reply) if check else reply
         finally:
-            for rid in in_flight:
-                self.pending.abandon(rid)
+            for rid, _ in in_flight:
+                self.abandon(rid)
 
     # --- frames --------------------------------------------------------------------------------
 
     def send(self, op: str, **fields) -> int:
         rid = next(self.ids)
-        self.pending.add(rid)
-        self.socket.send(encode_request(op, rid, fields))
+        link = self.link(self.routes.endpoint_for(op, fields))
+        link.pending.add(rid)
+        link.socket.send(encode_request(op, rid, fields))
         return rid
 
+    def abandon(self, rid: int) -> None:
+        for link in self.links.values():
+            link.pending.abandon(rid)
+
     def receive(self, deadline: float) -> dict:
-        """The next reply to a request still waited for; stale replies are dropped on the way."""
+        """The next reply to a request still waited for, from any daemon; stale replies are dropped."""
         while True:
             left_ms = max(0, int((deadline - time.monotonic()) * 1000))
-            if not self.socket.poll(left_ms, zmq.POLLIN):
-                raise ReplyTimeout(f"no reply from {self.endpoint} within {self.timeout:g} s")
-            reply = decode_reply(self.socket.recv())
-            if self.pending.match(reply) is not None:
+            link = self.ready_link(left_ms)
+            if link is None:
+                waited = ", ".join(l.endpoint for l in self.links.values() if len(l.pending)) or self.endpoint
+                raise ReplyTimeout(f"no reply from {waited} within {self.timeout:g} s")
+            reply = decode_reply(link.socket.recv())
+            if link.pending.match(reply) is not None:
                 return reply
             self.stale_replies += 1
 
+    def ready_link(self, timeout_ms: int) -> "Link | None":
+        if len(self.links) == 1:  # the common case, without building a poller
+            link = next(iter(self.links.values()))
+            return link if link.socket.poll(timeout_ms, zmq.POLLIN) else None
+        poller = zmq.Poller()
+        for link in self.links.values():
+            poller.register(link.socket, zmq.POLLIN)
+        ready = dict(poller.poll(timeout_ms))
+        return next((l for l in self.links.values() if l.socket in ready), None)
+
     checked = staticmethod(checked)
+
+
+class Link:
+    """One connection: a DEALER socket to one daemon, and its requests not answered yet (matched
+    per connection: a daemon answers each connection's requests in order)."""
+
+    def __init__(self, endpoint: str, socket: zmq.Socket):
+        self.endpoint = endpoint
+        self.socket = socket
+        self.pending = PendingReplies()

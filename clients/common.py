@@ -64,6 +64,44 @@ def score_fields(text: str | None, tokens: list[str] | None, stream: str, domain
     return fields
 
 
+# Requests that name a domain; in a fleet they go to the domain's owner (docs/protocol.md, "Fleets").
+DOMAIN_OPS = frozenset({"score", "reset", "drop_domain"})
+MAX_REDIRECTS = 4  # a request is sent at most this many times more after `moved` replies
+
+
+class Routes:
+    """Which member of a fleet owns each domain, as learned from `moved` replies.
+
+    A client starts with one endpoint. A member asked for a domain it does not own answers `moved`
+    with the owner's name and endpoint; the client remembers the owner and sends that request, and
+    every later one of the domain, straight there. A daemon that is not in a fleet never answers
+    `moved`, so a client pays nothing for this beyond a dict lookup per request."""
+
+    def __init__(self, seed: str):
+        self.seed = seed
+        self.owner: dict[str, str] = {}  # domain -> endpoint of its owner
+        self.redirects = 0  # `moved` replies followed
+
+    @staticmethod
+    def domain_of(fields: dict) -> str:
+        return fields.get("domain") or "default"
+
+    def endpoint_for(self, op: str, fields: dict) -> str:
+        if op in DOMAIN_OPS:
+            return self.owner.get(self.domain_of(fields), self.seed)
+        return self.seed
+
+    def follow(self, op: str, fields: dict, reply: dict) -> bool:
+        """True when `reply` is a `moved` to follow: the owner it names is remembered."""
+        error = reply.get("error") or {}
+        endpoint = error.get("endpoint")
+        if reply.get("ok") or error.get("code") != "moved" or op not in DOMAIN_OPS or not isinstance(endpoint, str):
+            return False
+        self.owner[self.domain_of(fields)] = endpoint
+        self.redirects += 1
+        return True
+
+
 def connected_dealer(ctx: zmq.Context, endpoint: str, curve: tuple[str, str] | None) -> zmq.Socket:
     """A DEALER socket connected to `endpoint`; a malformed endpoint raises EndpointError."""
     socket = ctx.socket(zmq.DEALER)
