@@ -16,7 +16,9 @@
  * as `empty_text`) but still count for the line numbers.
  *
  * Exit status: 0 done; 1 error reply (`error TAB code TAB message` on stderr) or a reply we
- * cannot read; 2 usage, or no reply within the timeout (default 30 s).
+ * cannot read; 2 usage, or no reply within the timeout (default 30 s); 3 the domain belongs to
+ * another member of a fleet: after the `error TAB moved` line, stderr has `owner TAB NAME TAB
+ * ENDPOINT`, and running again against ENDPOINT goes on (this client does not follow redirects).
  */
 #define _POSIX_C_SOURCE 200809L /* getline */
 
@@ -177,6 +179,13 @@ static const msgpack_object *exchange(void *sock, const msgpack_sbuffer *buf, in
         int code_ok = code && code->type == MSGPACK_OBJECT_STR, msg_ok = msg && msg->type == MSGPACK_OBJECT_STR;
         fprintf(stderr, "error\t%.*s\t%.*s\n", code_ok ? (int)code->via.str.size : 7, code_ok ? code->via.str.ptr : "unknown",
                 msg_ok ? (int)msg->via.str.size : 0, msg_ok ? msg->via.str.ptr : "");
+        const msgpack_object *owner = get(err, "owner"), *where = get(err, "endpoint");
+        if (code_ok && code->via.str.size == 5 && memcmp(code->via.str.ptr, "moved", 5) == 0 && owner && where
+            && owner->type == MSGPACK_OBJECT_STR && where->type == MSGPACK_OBJECT_STR) {
+            fprintf(stderr, "owner\t%.*s\t%.*s\n", (int)owner->via.str.size, owner->via.str.ptr,
+                    (int)where->via.str.size, where->via.str.ptr);
+            exit(3);
+        }
         exit(1);
     }
     return map;
