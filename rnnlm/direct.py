@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-BLOCK = 256  # weights per block: small enough that a word's features copy little, large enough for a small table
+from .kernels import BLOCK  # weights per block: the fewer, the less a word's features copy; the more, the smaller the table
 OWN_NOTHING = -1
 MAX_WORDS_PER_CALL = 512  # bounds how far one call of the step grows the pool ahead of its need
 

@@ -29,8 +29,6 @@ import math
 import numpy as np
 from numba import njit
 
-from .direct import BLOCK
-
 ERROR_CUTOFF = 15.0  # the toolkit's gradient cut-off on hidden-layer errors
 ACTIVATION_LIMIT = 50.0  # keeps exp() finite; sigmoid(±50) is 0 or 1 in float32 anyway
 
@@ -40,6 +38,10 @@ jit = njit(cache=True, fastmath=FASTMATH, nogil=True, boundscheck=False)
 
 # meta[] slots of a stream's state
 LAST_WORD, PENDING, FILLED = 0, 1, 2
+
+# Weights per block of a daemon domain's copy-on-write D (rnnlm/direct.py). Defined here, where it is
+# compiled in: numba's cache of this file would keep a value defined elsewhere after it changed.
+BLOCK = 256
 
 GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # 2^64 / golden ratio: spreads the class over the word hash
 
