@@ -102,12 +102,14 @@ def direct_weight(D, table, pool, i):
 
 
 @jit
-def owned_slot(D, table, pool, used, block):
-    """The pool row holding the domain's copy of `block` of D, copying it there first if it is not yet.
+def own_blocks(D, table, pool, used, start, count):
+    """Give the domain its own copy of every block that weights start..start+count-1 of D fall in.
 
-    The caller has made room (direct.DirectBlocks.reserve); the base's D is only read."""
-    slot = table[block]
-    if slot < 0:
+    A block not yet its own is copied from the base's D into the next free row of the pool, which
+    the caller has made room for (direct.DirectBlocks.reserve); the base's D is only read."""
+    for block in range(start // BLOCK, (start + count - 1) // BLOCK + 1):
+        if table[block] >= 0:
+            continue
         slot = used[0]
         used[0] += 1
         lo = block * BLOCK
@@ -117,7 +119,6 @@ def owned_slot(D, table, pool, used, block):
         for j in range(n, BLOCK):
             pool[slot, j] = 0.0
         table[block] = slot
-    return slot
 
 
 @jit
@@ -160,6 +161,9 @@ def softmax_rows_backward(M, lo, hi, s, target, p, lr, beta, ds, D, table, pool,
     """
     H = s.shape[0]
     cow = table.shape[0] > 0
+    if cow:
+        for n in range(features):
+            own_blocks(D, table, pool, used, bases[n], hi - lo)
     for k in range(lo, hi):
         g = -p[k - lo]
         if k == target:
@@ -167,7 +171,7 @@ def softmax_rows_backward(M, lo, hi, s, target, p, lr, beta, ds, D, table, pool,
         for n in range(features):
             i = bases[n] + k - lo
             if cow:
-                slot = owned_slot(D, table, pool, used, i // BLOCK)
+                slot = table[i // BLOCK]
                 d = pool[slot, i % BLOCK]
                 pool[slot, i % BLOCK] = d + d_lr * (g - d_beta * d)
             else:
