@@ -78,7 +78,7 @@ class DirectBlocks:
         need = min(self.count + blocks, self.table.shape[0])
         if need <= self.pool.shape[0]:
             return
-        pool = np.empty((max(need, 2 * self.pool.shape[0]), BLOCK), dtype=np.float32)
+        pool = np.empty((max(need, min(2 * self.pool.shape[0], self.table.shape[0])), BLOCK), dtype=np.float32)
         pool[: self.count] = self.blocks
         self.pool = pool
 
