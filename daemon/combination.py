@@ -84,7 +84,7 @@ class Combination:
     # --- per stream / domain state -----------------------------------------------------------------
 
     def new_weights(self) -> list[Weights]:
-        return [m.weights.copy() for m in self.extras]
+        return [m.weights.adapted_copy() for m in self.extras]
 
     def new_states(self, rule: OnlineRule) -> list[StreamState]:
         return [m.new_state(rule) for m in self.extras]

@@ -123,8 +123,11 @@ class Adaptation:
             return
         keep = np.float32(1.0 - lam)
         for name, array in weights.arrays().items():
-            np.multiply(array, keep, out=array)
-            array += self.scaled_base[name]
+            if name in self.scaled_base:  # not a domain's block table and blocks of D: those decay below
+                np.multiply(array, keep, out=array)
+                array += self.scaled_base[name]
+        if weights.D_own is not None:
+            weights.D_own.decay(keep, self.scaled_base["D"])
 
     def observe(self, guard: GuardState, weights: Weights, sample: Sample, words: list[str]) -> str | None:
         """Add one sampled message to the domain's window; returns why it was rolled back, if it was."""

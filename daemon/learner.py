@@ -156,7 +156,7 @@ class Learner:
                 if owned >= self.max_domains_per_key:
                     raise ProtocolError("too_many_domains", f"this client key made {owned} domains already, the most "
                                                             f"one key may make (--max-domains-per-key)")
-            domain = self.domains[name] = Domain(self.model.weights.copy(), owner=owner)
+            domain = self.domains[name] = Domain(self.model.weights.adapted_copy(), owner=owner)
             if self.combination is not None:
                 domain.extra = self.combination.new_weights()
         domain.last_seen = time.monotonic()
@@ -513,7 +513,7 @@ def _state_tensors(state: StreamState, copy: bool = False) -> dict:
 
 def _weights_for(model: RNNLM, tensors, where: str) -> Weights:
     cfg, vocab = model.config, model.vocab
-    return weights_from_tensors(tensors, len(vocab), cfg.hidden, vocab.num_classes, where, cfg.direct_size)
+    return weights_from_tensors(tensors, len(vocab), cfg.hidden, vocab.num_classes, where, cfg.direct_size, model.weights)
 
 
 def _list_of(value, count: int, what: str, where: str) -> list:

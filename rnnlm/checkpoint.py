@@ -19,6 +19,7 @@ import torch
 
 from . import kernels
 from .corpus import EOS
+from .direct import DirectBlocks
 from .model import RNNLM, Config, Weights, check_direct_size
 from .vocab import CLASS_RULES, RARE, Vocabulary
 
@@ -131,11 +132,14 @@ def weights_to_tensors(weights: Weights, copy: bool = False) -> dict[str, torch.
 
 
 def weights_from_tensors(tensors: dict, vocab_size: int, hidden: int, classes: int, where: str,
-                         direct_size: int = 0) -> Weights:
+                         direct_size: int = 0, base: Weights | None = None) -> Weights:
+    """The weights a file holds, checked. With `base` (the model a daemon domain adapts), D may be
+    saved as the domain's own blocks of the base's D (D_table, D_blocks) or as a full copy."""
     expected = {"U": (vocab_size, hidden), "W": (hidden, hidden), "V": (vocab_size, hidden), "X": (classes, hidden)}
-    if direct_size:
+    as_blocks = base is not None and direct_size and isinstance(tensors, dict) and "D_table" in tensors
+    if direct_size and not as_blocks:
         expected["D"] = (direct_size,)
-    elif isinstance(tensors, dict) and "D" in tensors:
+    elif not direct_size and isinstance(tensors, dict) and "D" in tensors:
         raise CheckpointError(f"{where}: direct weights D in a model configured without direct connections")
     arrays = {}
     for name, shape in expected.items():
@@ -146,7 +150,24 @@ def weights_from_tensors(tensors: dict, vocab_size: int, hidden: int, classes: i
     weights = Weights(**arrays)
     if not weights.all_finite():
         raise CheckpointError(f"{where}: weights contain NaN or infinity")
+    if base is not None and direct_size:
+        weights.D_own = _own_blocks(tensors, weights.D if not as_blocks else None, base.D, where)
+        weights.D = base.D
     return weights
+
+
+def _own_blocks(tensors: dict, full: np.ndarray | None, base: np.ndarray, where: str) -> DirectBlocks:
+    """A domain's blocks of D: as saved, or those of a full copy that differ from the base's."""
+    if full is not None:
+        return DirectBlocks.differing(base, full)
+    table, blocks = tensors.get("D_table"), tensors.get("D_blocks")
+    if not isinstance(table, torch.Tensor) or not isinstance(blocks, torch.Tensor) or blocks.ndim != 2:
+        raise CheckpointError(f"{where}: the domain's direct weights are not a block table and a matrix of blocks")
+    own = DirectBlocks(np.ascontiguousarray(table.numpy()), np.ascontiguousarray(blocks.numpy()), blocks.shape[0])
+    wrong = own.check(base.shape[0])
+    if wrong:
+        raise CheckpointError(f"{where}: {wrong}")
+    return own
 
 
 def model_payload(model: RNNLM) -> dict:

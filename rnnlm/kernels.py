@@ -9,6 +9,7 @@ With direct connections (RNNME, `Config.direct`), hashed n-gram features of the 
 words add to the logits: X s + Σ_n D[class_base(n) + c] for the classes, and
 V s + Σ_n D[word_base(n, c) + w - first word of c] for the words of class c. D is one float32
 array; see `direct_bases` for the hashing. With D empty the step is exactly the plain network.
+A daemon domain's D is the base's D plus copy-on-write blocks of its own (rnnlm/direct.py).
 
 `sgd_pass` is the one learning loop of the project: training epochs, offline dynamic evaluation
 and the daemon all call it. For every word it first computes ln P(word) with the current weights,
@@ -37,6 +38,10 @@ jit = njit(cache=True, fastmath=FASTMATH, nogil=True, boundscheck=False)
 
 # meta[] slots of a stream's state
 LAST_WORD, PENDING, FILLED = 0, 1, 2
+
+# Weights per block of a daemon domain's copy-on-write D (rnnlm/direct.py). Defined here, where it is
+# compiled in: numba's cache of this file would keep a value defined elsewhere after it changed.
+BLOCK = 256
 
 GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # 2^64 / golden ratio: spreads the class over the word hash
 
@@ -87,10 +92,40 @@ def hidden_step(U, W, word, s_prev, s):
 
 
 @jit
-def softmax_rows(M, lo, hi, s, target, p, D, bases, features):
+def direct_weight(D, table, pool, i):
+    """Weight i of the direct array: D's own, or (a domain's copy: `table` non-empty) its copied block's."""
+    if table.shape[0] > 0:
+        slot = table[i // BLOCK]
+        if slot >= 0:
+            return pool[slot, i % BLOCK]
+    return D[i]
+
+
+@jit
+def own_blocks(D, table, pool, used, start, count):
+    """Give the domain its own copy of every block that weights start..start+count-1 of D fall in.
+
+    A block not yet its own is copied from the base's D into the next free row of the pool, which
+    the caller has made room for (direct.DirectBlocks.reserve); the base's D is only read."""
+    for block in range(start // BLOCK, (start + count - 1) // BLOCK + 1):
+        if table[block] >= 0:
+            continue
+        slot = used[0]
+        used[0] += 1
+        lo = block * BLOCK
+        n = min(BLOCK, D.shape[0] - lo)
+        for j in range(n):
+            pool[slot, j] = D[lo + j]
+        for j in range(n, BLOCK):
+            pool[slot, j] = 0.0
+        table[block] = slot
+
+
+@jit
+def softmax_rows(M, lo, hi, s, target, p, D, table, pool, bases, features):
     """p[k-lo] = softmax over rows lo..hi-1 of (M s + direct features); returns ln p[target-lo], computed stably.
 
-    The direct features of row k are D[bases[n] + k - lo] for n < features.
+    The direct features of row k are D[bases[n] + k - lo] for n < features (see `direct_weight`).
     """
     H = s.shape[0]
     top = -np.inf
@@ -100,7 +135,7 @@ def softmax_rows(M, lo, hi, s, target, p, D, bases, features):
         for j in range(H):
             z += M[k, j] * s[j]
         for n in range(features):
-            z += D[bases[n] + k - lo]
+            z += direct_weight(D, table, pool, bases[n] + k - lo)
         p[k - lo] = z
         top = max(top, z)
         if k == target:
@@ -116,22 +151,32 @@ def softmax_rows(M, lo, hi, s, target, p, D, bases, features):
 
 
 @jit
-def softmax_rows_backward(M, lo, hi, s, target, p, lr, beta, ds, D, bases, features, d_lr, d_beta):
+def softmax_rows_backward(M, lo, hi, s, target, p, lr, beta, ds, D, table, pool, used, bases, features,
+                          d_lr, d_beta):
     """One SGD step on -ln p[target] for rows lo..hi-1 of M and their direct features, adding dlnP/ds to `ds`.
 
     d ln p[target] / d z_k = [k == target] - p_k, so row k moves by lr·g_k·s and each of its
     direct weights by d_lr·g_k (L2 d_beta on the weights touched); `ds` is taken from the weights
-    before they move.
+    before they move. A domain's copy (`table` non-empty) writes its own blocks, never D.
     """
     H = s.shape[0]
+    cow = table.shape[0] > 0
+    if cow:
+        for n in range(features):
+            own_blocks(D, table, pool, used, bases[n], hi - lo)
     for k in range(lo, hi):
         g = -p[k - lo]
         if k == target:
             g += 1.0
         for n in range(features):
             i = bases[n] + k - lo
-            d = D[i]
-            D[i] = d + d_lr * (g - d_beta * d)
+            if cow:
+                slot = table[i // BLOCK]
+                d = pool[slot, i % BLOCK]
+                pool[slot, i % BLOCK] = d + d_lr * (g - d_beta * d)
+            else:
+                d = D[i]
+                D[i] = d + d_lr * (g - d_beta * d)
         for j in range(H):
             m = M[k, j]
             ds[j] += g * m
@@ -184,7 +229,7 @@ def slide_window(hidden, inputs, errors):
 
 
 @jit
-def sgd_pass(U, W, V, X, D, class_of, class_start, class_end,
+def sgd_pass(U, W, V, X, D, D_table, D_pool, D_used, class_of, class_start, class_end,
              hidden, inputs, errors, meta,
              targets, lr, beta, d_lr, d_beta, order, bptt, block, learn, out_logp):
     """Score each target with the current weights (ln P into out_logp), then learn from it.
@@ -192,6 +237,8 @@ def sgd_pass(U, W, V, X, D, class_of, class_start, class_end,
     hidden/inputs/errors/meta are one stream's state (see model.StreamState); they carry the
     context from one call to the next, so a text may be fed in pieces of any size. The direct
     features (D non-empty) read their history, up to order-1 words, from the window's inputs.
+    A domain's copy of D passes the base's D with its block table, pool and pool counter
+    (rnnlm/direct.py); a model's own D passes an empty table and is read and written in place.
     Returns how many words were learned from; a word whose ln P is not finite is not.
     """
     K = hidden.shape[0] - 1
@@ -217,16 +264,18 @@ def sgd_pass(U, W, V, X, D, class_of, class_start, class_end,
         lo, hi = class_start[c], class_end[c]
         if features:
             direct_bases(D.shape[0], features, inputs, K, c, C, span, class_bases, word_bases)
-        out_logp[t] = (softmax_rows(X, 0, C, s, c, p_class, D, class_bases, features)
-                       + softmax_rows(V, lo, hi, s, target, p_word, D, word_bases, features))
+        out_logp[t] = (softmax_rows(X, 0, C, s, c, p_class, D, D_table, D_pool, class_bases, features)
+                       + softmax_rows(V, lo, hi, s, target, p_word, D, D_table, D_pool, word_bases, features))
         meta[FILLED] = min(meta[FILLED] + 1, K)
         meta[LAST_WORD] = target
         if not learn or not math.isfinite(out_logp[t]):
             continue
         learned += 1
         ds[:] = 0.0
-        softmax_rows_backward(X, 0, C, s, c, p_class, lr, beta, ds, D, class_bases, features, d_lr, d_beta)
-        softmax_rows_backward(V, lo, hi, s, target, p_word, lr, beta, ds, D, word_bases, features, d_lr, d_beta)
+        softmax_rows_backward(X, 0, C, s, c, p_class, lr, beta, ds, D, D_table, D_pool, D_used, class_bases,
+                              features, d_lr, d_beta)
+        softmax_rows_backward(V, lo, hi, s, target, p_word, lr, beta, ds, D, D_table, D_pool, D_used, word_bases,
+                              features, d_lr, d_beta)
         for j in range(H):
             errors[K, j] += ds[j]
         meta[PENDING] += 1

@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from . import kernels
+from . import direct, kernels
+from .direct import DirectBlocks
 from .vocab import Vocabulary
 
 INITIAL_ACTIVATION = 0.1  # s(0), as in the paper
@@ -70,6 +71,9 @@ class Weights:
     V: np.ndarray  # (vocab, hidden) hidden -> word, rows grouped by class
     X: np.ndarray  # (classes, hidden) hidden -> class
     D: np.ndarray = field(default_factory=no_direct)  # (direct_size,) hashed n-gram weights; empty = none
+    # A daemon domain's copy (`adapted_copy`): D is then the base model's, which it only reads, and
+    # the blocks of D it has changed are its own here (rnnlm/direct.py).
+    D_own: DirectBlocks | None = None
 
     NAMES = ("U", "W", "V", "X")
 
@@ -85,19 +89,39 @@ class Weights:
 
     @property
     def names(self) -> tuple[str, ...]:
-        """The arrays this model has: D only with direct connections."""
+        """The arrays this model has: D only with direct connections; a domain's copy has its own blocks of D instead."""
+        if self.D_own is not None:
+            return self.NAMES + ("D_table", "D_blocks")
         return self.NAMES + ("D",) if self.D.size else self.NAMES
 
+    def network_copy(self) -> dict[str, np.ndarray]:
+        return {n: np.array(getattr(self, n), copy=True) for n in self.NAMES}
+
     def copy(self) -> "Weights":
-        return Weights(**{n: np.array(getattr(self, n), copy=True) for n in self.names})
+        if self.D_own is not None:  # the base's D stays shared
+            return Weights(**self.network_copy(), D=self.D, D_own=self.D_own.copy())
+        return Weights(**self.network_copy(), D=self.D.copy())
+
+    def adapted_copy(self) -> "Weights":
+        """A copy to adapt (a daemon domain): the network copied, D shared and copied block by block as it changes."""
+        if not self.D.size:
+            return self.copy()
+        if self.D_own is not None:
+            return self.copy()
+        return Weights(**self.network_copy(), D=self.D, D_own=DirectBlocks.empty(self.D.size))
 
     def assign(self, other: "Weights") -> None:
         """Overwrite in place (arrays shared with running code stay valid)."""
-        for n in self.names:
+        for n in self.NAMES:
             np.copyto(getattr(self, n), getattr(other, n))
+        if self.D_own is not None:  # `other` is another copy of the same base, or the base itself
+            self.D_own.assign(other.D_own)
+        elif self.D.size:
+            np.copyto(self.D, other.D)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {n: getattr(self, n) for n in self.names}
+        own = {"D_table": self.D_own.table, "D_blocks": self.D_own.blocks} if self.D_own is not None else {}
+        return {n: own[n] if n in own else getattr(self, n) for n in self.names}
 
     def all_finite(self) -> bool:
         return all(np.isfinite(a).all() for a in self.arrays().values())
@@ -178,7 +202,8 @@ class RNNLM:
         Returns ln P(id) per id and the number of updates applied (a non-finite loss is skipped).
 
         This is the online step: training, dynamic evaluation and the daemon all come here.
-        `weights` defaults to the model's own; the daemon passes a domain's adapted copy.
+        `weights` defaults to the model's own; the daemon passes a domain's adapted copy, whose
+        direct weights are copied block by block as the step first writes them (rnnlm/direct.py).
         """
         if state.window < self.state_window(rule):
             raise ValueError(f"stream state holds {state.window} steps, the rule needs {self.state_window(rule)}")
@@ -189,13 +214,27 @@ class RNNLM:
             raise ValueError(f"direct weights hold {w.D.size} values, the model has {cfg.direct_size}")
         ids = np.ascontiguousarray(ids, dtype=np.int32)
         out = np.empty(ids.shape[0], dtype=np.float64)
-        learned = kernels.sgd_pass(w.U, w.W, w.V, w.X, w.D, v.class_of, v.class_start, v.class_end,
-                         state.hidden, state.inputs, state.errors, state.meta,
-                         ids, np.float32(rule.lr), np.float32(rule.l2),
-                         np.float32(rule.lr * (cfg.direct_rate if rule.direct_rate is None else rule.direct_rate)),
-                         np.float32(rule.direct_l2), cfg.direct_features,
-                         rule.bptt, rule.block, rule.learn, out)
+        own = w.D_own
+        if own is None or not rule.learn:
+            return out, self._pass(w, own, ids, state, rule, out)
+        learned = 0
+        per_word = direct.blocks_per_word(cfg.direct_features, v.num_classes, int(np.max(v.class_end - v.class_start)))
+        for lo in range(0, ids.shape[0], direct.MAX_WORDS_PER_CALL):
+            piece = ids[lo: lo + direct.MAX_WORDS_PER_CALL]
+            own.reserve(per_word * piece.shape[0])  # the step copies blocks into the pool unchecked
+            learned += self._pass(w, own, piece, state, rule, out[lo: lo + piece.shape[0]])
         return out, learned
+
+    def _pass(self, w: Weights, own: DirectBlocks | None, ids: np.ndarray, state: StreamState, rule: OnlineRule,
+              out: np.ndarray) -> int:
+        v, cfg = self.vocab, self.config
+        table, pool, used = (own.table, own.pool, own.used) if own is not None else (direct.NO_TABLE, direct.NO_POOL, direct.NO_USED)
+        return kernels.sgd_pass(w.U, w.W, w.V, w.X, w.D, table, pool, used, v.class_of, v.class_start, v.class_end,
+                                state.hidden, state.inputs, state.errors, state.meta,
+                                ids, np.float32(rule.lr), np.float32(rule.l2),
+                                np.float32(rule.lr * (cfg.direct_rate if rule.direct_rate is None else rule.direct_rate)),
+                                np.float32(rule.direct_l2), cfg.direct_features,
+                                rule.bptt, rule.block, rule.learn, out)
 
     def score_words(self, words: list[str], state: StreamState, rule: OnlineRule,
                     weights: Weights | None = None) -> tuple[np.ndarray, np.ndarray, int]:
