@@ -25,7 +25,9 @@ import msgpack
 import zmq
 
 from rnnlm.bundled import DEFAULT_MODEL
+from rnnlm.atomic import write_text_atomic
 from rnnlm.checkpoint import CheckpointError, load_model
+from rnnlm.mixture import default_weights
 from rnnlm.model import OnlineRule
 
 from . import protocol
@@ -33,7 +35,7 @@ from . import systemd
 from .auth import CurveServer
 from .combination import Combination, Parts, describe_components, same_components, saved_fingerprints
 from .guard import AdaptConfig
-from .learner import Learner, MemoryBudget, message_words, token_flags
+from .learner import Learner, MemoryBudget, token_flags
 from .metrics import Metrics
 from .protocol import ProtocolError
 from .state import CheckpointWriteError, StateStore
@@ -337,13 +339,13 @@ class Server:
         head = run[0].request
         if head is None or head.op != "score" or head.seq is not None or not self.learner.scores_runs:
             return run  # numbered messages go one at a time, each checked against its stream's number
-        tokens = len(message_words(head))
+        tokens = len(head.words)
         while messages and tokens < RUN_TOKENS and not self.checkpoint_due(self.tokens_since_checkpoint + tokens):
             request = messages[0].request
             if (request is None or request.op != "score" or request.seq is not None
                     or (request.domain, request.stream, request.learn) != (head.domain, head.stream, head.learn)):
                 break
-            n = len(message_words(request))
+            n = len(request.words)
             if tokens + n > RUN_TOKENS:
                 break
             run.append(messages.popleft())
@@ -395,7 +397,7 @@ class Server:
         except Exception as err:  # e.g. too_many_domains: each message would have got the same answer
             outcomes = [self.failure(m, err) for m in run]
         # Each message is charged its share of the call, by tokens, plus its own parsing.
-        tokens = [len(message_words(m.request)) for m in run]
+        tokens = [len(m.request.words) for m in run]
         seconds = time.perf_counter() - start
         for message, (reply, outcome), n in zip(run, outcomes, tokens):
             self.answer(message, reply, outcome, message.parsed + seconds * n / max(sum(tokens), 1))
@@ -565,7 +567,7 @@ class Server:
 
         parts = None
         if cfg.extra_models or cfg.ngram:
-            parts = Parts.load(cfg.extra_models, cfg.ngram, cfg.weights or default_weights(len(cfg.extra_models), cfg.ngram))
+            parts = Parts.load(cfg.extra_models, cfg.ngram, cfg.weights or default_weights(1 + len(cfg.extra_models), bool(cfg.ngram)))
             log.info("combining every score with %s", describe_components(parts.fingerprints))
         ours = parts.fingerprints if parts is not None else []
 
@@ -652,13 +654,6 @@ class Server:
             self.lru_evictions_reported = lru
 
 
-def default_weights(extra_count: int, ngram: str | None, ngram_weight: float = 0.25) -> list[float]:
-    """As `rnnlm eval`: the n-gram gets `ngram_weight`, the RNNs (primary and extras) share the rest."""
-    rnns = 1 + extra_count
-    kn = ngram_weight if ngram else 0.0
-    return [(1.0 - kn) / rnns] * rnns + ([kn] if ngram else [])
-
-
 def same_model(a, b) -> bool:
     return a.vocab.words == b.vocab.words and all(
         (x == y).all() for x, y in zip(a.weights.arrays().values(), b.weights.arrays().values()))
@@ -680,10 +675,3 @@ def return_big_blocks_to_the_system() -> None:
 
 
 M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

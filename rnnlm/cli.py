@@ -301,14 +301,11 @@ def _mixture_weights(weights_text, ngram_weight, rnn_count: int, has_ngram: bool
         return weights
     if ngram_weight is not None and not has_ngram:
         raise click.UsageError("--ngram-weight needs an --ngram model")
-    if not has_ngram:
-        return [1.0 / count] * count
-    if rnn_count == 0:
-        if ngram_weight not in (None, 1.0):
-            raise click.UsageError("--ngram-weight needs a --model to mix the n-gram with")
-        return [1.0]
-    kn = 0.25 if ngram_weight is None else ngram_weight
-    return [(1.0 - kn) / rnn_count] * rnn_count + [kn]
+    if has_ngram and rnn_count == 0 and ngram_weight not in (None, 1.0):
+        raise click.UsageError("--ngram-weight needs a --model to mix the n-gram with")
+    from .mixture import DEFAULT_NGRAM_WEIGHT, default_weights
+
+    return default_weights(rnn_count, has_ngram, DEFAULT_NGRAM_WEIGHT if ngram_weight is None else ngram_weight)
 
 
 def evaluate_static_parallel(model: RNNLM, lines: list[str], threads: int) -> Tally:
