@@ -27,12 +27,14 @@ import zmq
 from rnnlm.bundled import DEFAULT_MODEL
 from rnnlm.atomic import write_text_atomic
 from rnnlm.checkpoint import CheckpointError, load_model
-from rnnlm.mixture import default_weights
+from rnnlm.corpus import read_tokens
+from rnnlm.mixture import Mixture, NGramComponent, RNNComponent, default_weights
 from rnnlm.model import OnlineRule
 
 from . import protocol
 from . import systemd
 from .auth import CurveServer
+from .config import ServeConfig
 from .combination import Combination, Parts, describe_components, same_components, saved_fingerprints
 from .guard import AdaptConfig
 from .learner import Learner, MemoryBudget, token_flags
@@ -49,40 +51,6 @@ RUN_TOKENS = 1024  # most tokens scored in one call for consecutive messages of 
 TURN_SECONDS = 0.25
 NO_DOMAIN = "_none"  # the domain label of `learn: false` scores against a domain that does not exist
 
-
-
-@dataclass
-class ServeConfig:
-    model: str | None = None  # None: the bundled default model
-    bind: str = "tcp://127.0.0.1:5555"
-    pull_bind: str | None = None  # fire-and-forget ingestion (score with no reply)
-    metrics_addr: str = "127.0.0.1:9109"
-    state_dir: str | None = None
-    port_file: str | None = None
-    lr: float = 0.01
-    learn: bool = True
-    checkpoint_tokens: int = 100_000
-    checkpoint_seconds: float = 300.0
-    keep_checkpoints: int = 3
-    max_streams: int = 10_000
-    max_domains: int = 16
-    stream_idle_seconds: float = 3600.0
-    max_tokens: int = 10_000  # per message
-    max_message_bytes: int = 1 << 20  # larger: message_too_large; over twice this (ZMQ_MAXMSGSIZE) drops the peer
-    max_in_hand: int = 1_000  # messages drained from the sockets before handling
-    curve_secret_key: str | None = None  # the daemon's NAME.key_secret: CURVE on both sockets
-    curve_authorized_dir: str | None = None  # public keys of the clients let in (ZAP)
-    curve_admin_dir: str | None = None  # public keys allowed the control ops (save, reset, drop_domain)
-    max_domains_per_key: int | None = None  # with CURVE: domains one client key may create
-    domain_idle_seconds: float = 0.0  # drop a domain after this long without a message (0: never)
-    max_memory_mb: float | None = None  # refuse new domains, cap streams, to stay within this
-    decay_to_base: float = 0.0  # adaptation guard (guard.py): all off by default
-    shadow_sample: float = 0.0
-    guard_margin: float | None = None
-    guard_window: int = 2000
-    extra_models: tuple[str, ...] = ()  # extra RNNs in every score (combination.py), adapting like the primary
-    ngram: str | None = None  # an ARPA model in every score
-    weights: tuple[float, ...] | None = None  # primary, extras, n-gram; None: the n-gram 0.25, the RNNs share the rest
 
 
 @dataclass
@@ -566,8 +534,12 @@ class Server:
         adapt = AdaptConfig(cfg.decay_to_base, cfg.shadow_sample, cfg.guard_margin, cfg.guard_window)
 
         parts = None
+        primary = None  # the --model (or bundled) model, loaded once for whatever needs it
         if cfg.extra_models or cfg.ngram:
             parts = Parts.load(cfg.extra_models, cfg.ngram, cfg.weights or default_weights(1 + len(cfg.extra_models), bool(cfg.ngram)))
+            if cfg.tune_on:
+                primary = load_model(cfg.model or DEFAULT_MODEL)
+                parts.weights = self.tuned_weights(primary, parts, rule)
             log.info("combining every score with %s", describe_components(parts.fingerprints))
         ours = parts.fingerprints if parts is not None else []
 
@@ -576,7 +548,9 @@ class Server:
             return Learner(model, rule, cfg.max_streams, cfg.max_domains, cfg.stream_idle_seconds, adapt, combination,
                            cfg.max_domains_per_key)
 
-        given = load_model(cfg.model) if cfg.model is not None and self.state is not None and self.state.files() else None
+        if cfg.model is not None and self.state is not None and self.state.files():
+            primary = primary or load_model(cfg.model)
+        given = primary if cfg.model is not None else None
 
         def accept(payload: dict, path: Path, model) -> None:
             """A valid file of another set-up stops the start: skipping it would lose its state."""
@@ -591,7 +565,22 @@ class Server:
                                       "--state-dir to start fresh")
 
         learner = self.state.resume(new_learner, accept) if self.state is not None else None
-        return learner or new_learner(load_model(cfg.model or DEFAULT_MODEL))
+        return learner or new_learner(primary or load_model(cfg.model or DEFAULT_MODEL))
+
+    def tuned_weights(self, primary, parts: Parts, rule: OnlineRule) -> list[float]:
+        """--tune-on: the mixture weights by EM on a validation text, every RNN learning at --lr as
+        it will in service (as `rnnlm eval --dynamic LR --tune-on`; each adapts a copy)."""
+        cfg = self.config
+        rnns = [(cfg.model or str(DEFAULT_MODEL), primary), *parts.extras]
+        components = [RNNComponent(model, name, rule) for name, model in rnns]
+        if parts.ngram is not None:
+            components.append(NGramComponent(parts.ngram[1], parts.ngram[0]))
+        mixture = Mixture(components, parts.weights)
+        em = mixture.tune(read_tokens(cfg.tune_on))
+        weights = [float(w) for w in mixture.weights]
+        log.info("mixture weights tuned on %s: %s (%d EM iterations, perplexity there %.2f)", cfg.tune_on,
+                 ",".join(f"{w:.6g}" for w in weights), em.iterations, em.perplexity)
+        return weights
 
     def maybe_checkpoint(self) -> None:
         """Collect a finished write; start one when due, in the background.
