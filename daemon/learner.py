@@ -1,6 +1,6 @@
 """The daemon's learning state: adapted weights per domain, hidden state per stream, tallies.
 
-One Learner is driven by one thread, so updates are applied strictly in arrival order. Scoring
+Each domain is driven by one thread (workers.py), so its updates are applied strictly in arrival order. Scoring
 and learning go through `RNNLM.score_words`, the same online step as `rnnlm eval --dynamic`.
 Decay toward the base weights, the base model's shadow and the rollback guard are in guard.py.
 
@@ -16,6 +16,7 @@ them too, under the same checks.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -139,6 +140,10 @@ class Learner:
         self.streams: OrderedDict[tuple[str, str], Stream] = OrderedDict()  # least recently used first
         self.before_learning = None  # called with (domain, stream key) before they change (state.Snapshot)
         self.evicted = {"lru": 0, "idle": 0}
+        # Learner threads (workers.py) share the maps of domains and streams: looking a message's
+        # domain and stream up (or making them) holds this. Scoring does not: a domain's weights and
+        # its streams' states are only ever touched by its own worker.
+        self.lock = threading.Lock()
 
     # --- scoring -------------------------------------------------------------------------------
 
@@ -225,9 +230,10 @@ class Learner:
         messages = [r.words for r in requests]
         words = [w for m in messages for w in m]
         learn = first.learn and self.rule.learn
-        transient = not learn and first.domain not in self.domains  # `learn: false` never creates a domain
-        domain = self.base_domain() if transient else self.domain(first.domain, owner)
-        stream = self.stream(first.domain, first.stream)
+        with self.lock:
+            transient = not learn and first.domain not in self.domains  # `learn: false` never creates a domain
+            domain = self.base_domain() if transient else self.domain(first.domain, owner)
+            stream = self.stream(first.domain, first.stream)
         rule = self.rule if learn else FROZEN
         if self.before_learning is not None:  # (the guard may roll weights back even when not learning)
             self.before_learning(first.domain, (first.domain, first.stream))

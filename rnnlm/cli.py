@@ -361,13 +361,14 @@ def evaluate_static_parallel(model: RNNLM, lines: list[str], threads: int) -> Ta
 @click.option("--ngram-weight", type=click.FloatRange(0, 1), default=None, help="Weight of the --ngram model (default 0.25); the RNNs share the rest equally.")
 @click.option("--weights", "weights_text", default=None, metavar="W1,W2,...", help="Mixture weights: --model, each --extra-model in order, then the n-gram's; they sum to 1.")
 @click.option("--tune-on", "tune_file", default=None, type=click.Path(dir_okay=False), help="Before serving, tune the mixture weights by EM on this validation text, every RNN learning at --lr as it will in service (as `rnnlm eval --dynamic LR --tune-on`).")
+@click.option("--workers", default=None, type=click.IntRange(1), help="Learner threads; domains are spread over them and learn in parallel, each in its own arrival order (default: the number of cores).")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
 @friendly_errors
 def serve(model_file, bind, pull_bind, metrics_addr, state_dir, port_file, lr, no_learn, checkpoint_tokens,
           checkpoint_seconds, keep_checkpoints, max_streams, stream_idle_seconds, max_domains, max_tokens,
           max_message_bytes, max_pending, curve_secret_key, curve_authorized_dir, curve_admin_dir, max_domains_per_key,
           max_memory_mb, domain_idle_seconds, decay_to_base, shadow_sample,
-          guard_margin, guard_window, extra_models, ngram_file, ngram_weight, weights_text, tune_file, log_level):
+          guard_margin, guard_window, extra_models, ngram_file, ngram_weight, weights_text, tune_file, workers, log_level):
     """Run the daemon: score text streamed over ZeroMQ and keep learning from it.
 
     Every word is scored with the current weights, then the network takes one SGD step on it at
@@ -393,7 +394,7 @@ def serve(model_file, bind, pull_bind, metrics_addr, state_dir, port_file, lr, n
                          domain_idle_seconds=domain_idle_seconds, max_memory_mb=max_memory_mb,
                          decay_to_base=decay_to_base, shadow_sample=shadow_sample, guard_margin=guard_margin,
                          guard_window=guard_window, extra_models=tuple(extra_models), ngram=ngram_file,
-                         tune_on=tune_file)
+                         tune_on=tune_file, **({"workers": workers} if workers is not None else {}))
     try:
         config.check()
     except ValueError as err:
