@@ -315,6 +315,8 @@ class Server:
         while self.in_hand and time.perf_counter() < deadline:
             if workers.runs_in_flight and (self.sweep_due or self.checkpoint_wanted(self.tokens_in_flight)):
                 break  # the snapshot or the sweep needs every worker between messages
+            if workers.all_full():
+                break  # nothing more can go before a worker answers
             message = self.in_hand.popleft()
             if not self.for_workers(message):
                 if waiting or workers.runs_in_flight:
@@ -668,7 +670,7 @@ class Server:
         between messages (handing messages over waits for that, see `handle_in_hand`).
 
         A checkpoint due while one is still being written waits for it, so a crash loses at most
-        two --checkpoint-tokens' worth of updates (and one message per worker)."""
+        two --checkpoint-tokens' worth of updates (and one message): the tokens in flight count toward it."""
         if self.state is None:
             return
         self.state.poll()

@@ -92,6 +92,9 @@ class Workers:
     def has_room(self, domain: str) -> bool:
         return self.worker_for(domain).runs < RUNS_QUEUED
 
+    def all_full(self) -> bool:
+        return all(w.runs >= RUNS_QUEUED for w in self.workers)
+
     def hand(self, domain: str, run: list, tokens: int) -> None:
         worker = self.worker_for(domain)
         worker.runs += 1
