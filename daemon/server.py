@@ -74,6 +74,7 @@ class Message:
     failure: tuple[dict, str] | None = None  # the error reply and its code, when it could not be parsed
     parsed: float = 0.0  # seconds spent parsing
     user: str | None = None  # with CURVE: the client's public key (Z85)
+    outcome: tuple[dict, str, float] | None = None  # reply, outcome, seconds: ready, waiting for its turn
 
     @property
     def peer(self) -> bytes | None:
@@ -89,6 +90,9 @@ class Server:
         self.metrics = Metrics()
         self.in_hand: deque[Message] = deque()
         self.in_hand_of: Counter = Counter()  # messages in hand per ROUTER connection
+        # Per ROUTER connection, its messages not answered yet, in arrival order: replies leave in
+        # that order, though workers finish other domains' messages sooner or later.
+        self.unanswered: dict[bytes, deque[Message]] = {}
         self.tokens_since_checkpoint = 0
         self.tokens_in_flight = 0  # of score messages handed to the workers and not answered yet
         self.sweep_due = False  # idle streams and domains are looked for once the workers are between messages
@@ -294,6 +298,8 @@ class Server:
                     continue
                 self.in_hand.append(message)
                 self.in_hand_of[message.peer] += 1
+                if not message.fire_and_forget:
+                    self.unanswered.setdefault(message.peer, deque()).append(message)
         if len(self.in_hand) >= self.config.max_in_hand and any(
                 s is not None and s.getsockopt(zmq.EVENTS) & zmq.POLLIN for s in (self.router, self.pull)):
             self.metrics.limits.labels("pending").inc()  # the rest waits in ZeroMQ's queue (RCVHWM)
@@ -348,10 +354,24 @@ class Server:
         self.metrics.queue_wait.observe(time.perf_counter() - message.start)
         start = time.perf_counter()
         reply, outcome = self.execute(message)
-        self.answer(message, reply, outcome, message.parsed + time.perf_counter() - start)
-        self.answered(message)
+        self.deliver(message, reply, outcome, message.parsed + time.perf_counter() - start)
         self.maybe_checkpoint()
         self.ping_watchdog()
+
+    def deliver(self, message: Message, reply: dict, outcome: str, seconds: float) -> None:
+        """Answer a message once every message that came before it on its connection is answered."""
+        if message.fire_and_forget:
+            self.answer(message, reply, outcome, seconds)
+            self.answered(message)
+            return
+        message.outcome = (reply, outcome, seconds)
+        waiting = self.unanswered[message.peer]
+        while waiting and waiting[0].outcome is not None:
+            ready = waiting.popleft()
+            self.answer(ready, *ready.outcome)
+            self.answered(ready)
+        if not waiting:
+            del self.unanswered[message.peer]
 
     def answered(self, message: Message) -> None:
         self.in_hand_of[message.peer] -= 1
@@ -364,8 +384,7 @@ class Server:
             self.tokens_in_flight -= done.tokens_handed
             self.tokens_since_checkpoint += done.tokens_scored
             for message, (reply, outcome, seconds) in zip(done.run, done.answers):
-                self.answer(message, reply, outcome, seconds)
-                self.answered(message)
+                self.deliver(message, reply, outcome, seconds)
 
     def take_run(self, head: Message) -> list[Message]:
         """The message, and the score messages of its stream after it that can share its call.
