@@ -39,9 +39,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from rnnlm.model import RNNLM, OnlineRule, Weights
-
-FROZEN = OnlineRule(learn=False)
+from rnnlm.model import FROZEN, RNNLM, OnlineRule, Weights
 
 
 @dataclass

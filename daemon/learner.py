@@ -1,6 +1,6 @@
 """The daemon's learning state: adapted weights per domain, hidden state per stream, tallies.
 
-One Learner is driven by one thread, so updates are applied strictly in arrival order. Scoring
+Each domain is driven by one thread (workers.py), so its updates are applied strictly in arrival order. Scoring
 and learning go through `RNNLM.score_words`, the same online step as `rnnlm eval --dynamic`.
 Decay toward the base weights, the base model's shadow and the rollback guard are in guard.py.
 
@@ -16,6 +16,7 @@ them too, under the same checks.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -24,8 +25,9 @@ import msgpack
 import numpy as np
 import torch
 
-from rnnlm.checkpoint import CheckpointError, check_stream_arrays, model_from_payload, model_payload, weights_from_tensors, weights_to_tensors
-from rnnlm.corpus import EOS
+from rnnlm.checkpoint import (STREAM_STATE_DTYPES, CheckpointError, model_from_payload, model_payload, stacked_stream_states,
+                              stream_state_from_tensors, stream_state_rows, stream_state_tensors, tally_from_state,
+                              tally_to_state, weights_from_tensors, weights_to_tensors)
 from rnnlm.evaluate import Tally
 from rnnlm.model import RNNLM, OnlineRule, StreamState, Weights
 from rnnlm.vocab import OOV, RARE_WORD
@@ -35,8 +37,6 @@ from .guard import FROZEN, AdaptConfig, Adaptation, GuardState, Sample
 from .protocol import MAX_NAME, ProtocolError, Request
 
 STATE_FORMAT = "rnnlm-daemon-state"
-TALLY_FIELDS = ("words", "oov", "rare", "loss_nats")
-STATE_DTYPES = {"hidden": torch.float32, "inputs": torch.int32, "errors": torch.float32, "meta": torch.int64}
 
 
 @dataclass
@@ -94,7 +94,7 @@ class MemoryBudget:
         models = [learner.model, *(learner.combination.extras if learner.combination is not None else [])]
         weights = sum(a.nbytes for m in models for a in m.weights.arrays().values())
         guard = 2 if learner.adaptation.config.guard_margin is not None else 0
-        state = sum(getattr(m.new_state(learner.rule), k).nbytes for m in models for k in STATE_DTYPES)
+        state = sum(getattr(m.new_state(learner.rule), k).nbytes for m in models for k in STREAM_STATE_DTYPES)
         return weights * (1 + guard + 1), 2 * state + STREAM_OVERHEAD
 
 
@@ -140,6 +140,10 @@ class Learner:
         self.streams: OrderedDict[tuple[str, str], Stream] = OrderedDict()  # least recently used first
         self.before_learning = None  # called with (domain, stream key) before they change (state.Snapshot)
         self.evicted = {"lru": 0, "idle": 0}
+        # Learner threads (workers.py) share the maps of domains and streams: looking a message's
+        # domain and stream up (or making them) holds this. Scoring does not: a domain's weights and
+        # its streams' states are only ever touched by its own worker.
+        self.lock = threading.Lock()
 
     # --- scoring -------------------------------------------------------------------------------
 
@@ -223,13 +227,14 @@ class Learner:
         first = requests[0]
         if len(requests) > 1 and not self.scores_runs:
             raise ValueError("several messages in one call need decay and shadow sampling off")
-        messages = [message_words(r) for r in requests]
+        messages = [r.words for r in requests]
         words = [w for m in messages for w in m]
         learn = first.learn and self.rule.learn
-        transient = not learn and first.domain not in self.domains  # `learn: false` never creates a domain
-        domain = self.base_domain() if transient else self.domain(first.domain, owner)
-        stream = self.stream(first.domain, first.stream)
-        rule = self.rule if learn else OnlineRule(learn=False)
+        with self.lock:
+            transient = not learn and first.domain not in self.domains  # `learn: false` never creates a domain
+            domain = self.base_domain() if transient else self.domain(first.domain, owner)
+            stream = self.stream(first.domain, first.stream)
+        rule = self.rule if learn else FROZEN
         if self.before_learning is not None:  # (the guard may roll weights back even when not learning)
             self.before_learning(first.domain, (first.domain, first.stream))
         logprobs, kinds, applied = self.model.score_words(words, stream.state, rule, domain.weights)
@@ -362,11 +367,11 @@ class Learner:
             "model": model_payload(self.model),
             "domains": {
                 name: {**(self.weights_payload(d, copy) if domain_weights else {}), "updates": d.updates,
-                       "skipped": d.skipped, "tally": _tally_state(d.tally), **({"owner": d.owner} if d.owner else {})}
+                       "skipped": d.skipped, "tally": tally_to_state(d.tally), **({"owner": d.owner} if d.owner else {})}
                 for name, d in self.domains.items()
             },
             "streams": [
-                {"domain": dom, "stream": name, "tally": _tally_state(s.tally), **_seq_state(s)}
+                {"domain": dom, "stream": name, "tally": tally_to_state(s.tally), **_seq_state(s)}
                 for (dom, name), s in self.streams.items()
             ],
             # Row i is streams[i]'s state: a few big tensors instead of four per stream, which
@@ -374,13 +379,13 @@ class Learner:
             "evicted": dict(self.evicted),
         }
         if stream_states:
-            payload["stream_states"] = stacked_states([s.state for s in self.streams.values()], self.model, self.rule)
+            payload["stream_states"] = stacked_stream_states([s.state for s in self.streams.values()], self.model.new_state(self.rule))
         if combination is not None:
             payload["components"] = [dict(p) for p in combination.fingerprints]
             for name, d in self.domains.items():
                 payload["domains"][name]["rnn_loss_nats"] = d.rnn_loss
             for entry, s in zip(payload["streams"], self.streams.values()):
-                entry["extra_states"] = [_state_tensors(state, copy) for state in s.extra]
+                entry["extra_states"] = [stream_state_tensors(state, copy) for state in s.extra]
                 if s.history is not None:
                     entry["ngram_history"] = torch.tensor(combination.saved_history(s.history), dtype=torch.int64)
         return payload
@@ -408,7 +413,7 @@ class Learner:
                 _check_name(name, "domain", where)
                 weights = _weights_for(self.model, d["weights"], where)
                 updates, skipped = _count(d["updates"], where), _count(d["skipped"], where)
-                domains[name] = domain = Domain(weights, updates, skipped, _tally_from(d["tally"], where))
+                domains[name] = domain = Domain(weights, updates, skipped, tally_from_state(d["tally"], where))
                 owner = d.get("owner")
                 if owner is not None and not isinstance(owner, str):
                     raise CheckpointError(f"{where}: a domain's owner is not a key name")
@@ -416,14 +421,14 @@ class Learner:
                 if combination is not None:
                     saved = _list_of(d["extra_weights"], len(extras), "extra models' weights", where)
                     domain.extra = [_weights_for(m, w, where) for m, w in zip(extras, saved)]
-                    domain.rnn_loss = _tally_from({"loss_nats": d["rnn_loss_nats"]}, where, ("loss_nats",)).loss_nats
-            rows = _rows_of(payload.get("stream_states"), len(payload["streams"]), where)
+                    domain.rnn_loss = tally_from_state({"loss_nats": d["rnn_loss_nats"]}, where, ("loss_nats",)).loss_nats
+            rows = stream_state_rows(payload.get("stream_states"), len(payload["streams"]), where)
             for i, s in enumerate(payload["streams"]):
                 if rows is not None:
-                    s = {**s, **{k: rows[k][i] for k in STATE_DTYPES}}
+                    s = {**s, **{k: rows[k][i] for k in STREAM_STATE_DTYPES}}
                 _check_name(s["domain"], "domain", where)
                 _check_name(s["stream"], "stream", where)
-                stream = Stream(self._state_from(self.model, s, where), _tally_from(s["tally"], where))
+                stream = Stream(self._state_from(self.model, s, where), tally_from_state(s["tally"], where))
                 stream.seq, stream.seq_reply = _seq_from(s, where)
                 if combination is not None:
                     saved = _list_of(s["extra_states"], len(extras), "extra models' stream states", where)
@@ -446,16 +451,7 @@ class Learner:
         self.evicted.update(evicted)
 
     def _state_from(self, model: RNNLM, saved: dict, where: str) -> StreamState:
-        """A saved stream state of `model`, checked: dtypes, shapes (the window), ids, finite values."""
-        state = model.new_state(self.rule)
-        for k, dtype in STATE_DTYPES.items():
-            tensor, target = saved[k], getattr(state, k)
-            if not isinstance(tensor, torch.Tensor) or tensor.dtype != dtype or tuple(tensor.shape) != target.shape:
-                raise CheckpointError(f"{where}: stream state '{k}' is not {dtype} of shape {target.shape} "
-                                      "(or its window differs from this daemon's)")
-            np.copyto(target, tensor.numpy())
-        _check_stream_state(state, len(model.vocab), where)
-        return state
+        return stream_state_from_tensors(saved, model.new_state(self.rule), len(model.vocab), where)
 
 
 def _seq_state(stream: Stream) -> dict:
@@ -486,31 +482,6 @@ def base_model_of(payload: dict, where: str) -> RNNLM:
     return model_from_payload(payload.get("model") if isinstance(payload, dict) else None, where)
 
 
-def stacked_states(states: list[StreamState], model: RNNLM, rule: OnlineRule) -> dict:
-    """The streams' states, one tensor per field with a row per stream (always a copy)."""
-    if not states:
-        empty = model.new_state(rule)
-        return {k: torch.from_numpy(np.zeros((0, *getattr(empty, k).shape), dtype=getattr(empty, k).dtype))
-                for k in STATE_DTYPES}
-    return {k: torch.from_numpy(np.stack([getattr(s, k) for s in states])) for k in STATE_DTYPES}
-
-
-def _rows_of(stacked, count: int, where: str) -> dict | None:
-    """The stacked stream states of a file, checked to hold one row per stream (None: a file
-    written before they were stacked keeps each stream's tensors in its own entry)."""
-    if stacked is None:
-        return None
-    if not isinstance(stacked, dict) or not all(
-            isinstance(stacked.get(k), torch.Tensor) and stacked[k].dim() >= 1 and stacked[k].shape[0] == count
-            for k in STATE_DTYPES):
-        raise CheckpointError(f"{where}: the stream states are not tensors with one row per stream ({count})")
-    return stacked
-
-
-def _state_tensors(state: StreamState, copy: bool = False) -> dict:
-    return {k: torch.from_numpy(getattr(state, k).copy() if copy else getattr(state, k)) for k in STATE_DTYPES}
-
-
 def _weights_for(model: RNNLM, tensors, where: str) -> Weights:
     cfg, vocab = model.config, model.vocab
     return weights_from_tensors(tensors, len(vocab), cfg.hidden, vocab.num_classes, where, cfg.direct_size)
@@ -522,20 +493,6 @@ def _list_of(value, count: int, what: str, where: str) -> list:
     return value
 
 
-def _tally_state(tally: Tally) -> dict:
-    return {k: getattr(tally, k) for k in TALLY_FIELDS}
-
-
-def _tally_from(state: dict, where: str = "state", fields: tuple[str, ...] = TALLY_FIELDS) -> Tally:
-    tally = Tally()
-    for k in fields:
-        value = state[k]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
-            raise CheckpointError(f"{where}: tally field {k} is not a finite non-negative number")
-        setattr(tally, k, type(getattr(tally, k))(value))
-    return tally
-
-
 def _count(value, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise CheckpointError(f"{where}: a counter is not a non-negative integer ({value!r})")
@@ -545,17 +502,6 @@ def _count(value, where: str) -> int:
 def _check_name(name, what: str, where: str) -> None:
     if not isinstance(name, str) or not name or len(name) > MAX_NAME:
         raise CheckpointError(f"{where}: a {what} name is not a string of 1 to {MAX_NAME} characters")
-
-
-def _check_stream_state(state: StreamState, vocab_size: int, where: str) -> None:
-    check_stream_arrays(state.inputs, state.meta, state.hidden, state.errors, vocab_size, where)
-
-
-def message_words(request: Request) -> list[str]:
-    """The words a score message asks for: its tokens as given, or its sentences each ending in </s>."""
-    if request.tokens is not None:
-        return request.tokens
-    return [w for sentence in request.sentences for w in (*sentence, EOS)]
 
 
 def token_flags(kinds: np.ndarray) -> tuple[list[int], list[int]]:

@@ -89,6 +89,13 @@ class Metrics:
         self.queue_wait = Histogram(f"{PREFIX}_queue_wait_seconds", "Time from taking a message off its socket "
                                     "to starting to handle it (waiting behind the messages taken before it).",
                                     buckets=LATENCY_BUCKETS, registry=r)
+        # Learner threads (workers.py): an unbalanced assignment shows as one worker busy and queued
+        self.worker_queue_depth = Gauge(f"{PREFIX}_worker_queue_depth", "Messages handed to a learner thread and "
+                                        "not answered yet, per worker.", ["worker"], registry=r)
+        self.worker_busy = Counter(f"{PREFIX}_worker_busy_seconds", "Seconds a learner thread spent scoring, per "
+                                   "worker (a rate near 1: that worker is saturated).", ["worker"], registry=r)
+        self.worker_domains = Gauge(f"{PREFIX}_worker_domains", "Domains assigned to a learner thread, per worker.",
+                                    ["worker"], registry=r)
         self.domains_seen: set[str] = set()
         self._last_checkpoint_time = time.time()
         self._children: dict = {}

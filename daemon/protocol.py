@@ -6,10 +6,12 @@ code; the server answers it and goes on.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgpack
 import zmq
+
+from rnnlm.corpus import EOS
 
 VERSION = 1
 OPS = ("score", "reset", "stats", "save", "ping", "info", "drop_domain")
@@ -47,6 +49,16 @@ class Request:
     tokens: list[str] | None = None  # score: tokens as given, nothing added
     learn: bool = True
     seq: int | None = None  # score: the stream's sequence number, for exactly-once retries
+    _words: list[str] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def words(self) -> list[str]:
+        """The words a score message asks for: its tokens as given, or its sentences each ending
+        in </s> (made once per message: scoring, batching and metrics all read them)."""
+        if self._words is None:
+            self._words = self.tokens if self.tokens is not None else [
+                w for sentence in self.sentences for w in (*sentence, EOS)]
+        return self._words
 
 
 @dataclass
@@ -200,12 +212,11 @@ def _parse_text(message: dict, request: Request, max_tokens: int) -> None:
         if not isinstance(text, str):
             raise ProtocolError("bad_request", "'text' must be a string")
         request.sentences = [line.split() for line in text.split("\n") if line.strip()]
-        count = sum(len(s) + 1 for s in request.sentences)
     else:
         if not isinstance(tokens, list) or not all(isinstance(t, str) and t and not any(c.isspace() for c in t) for t in tokens):
             raise ProtocolError("bad_request", "'tokens' must be a list of non-empty strings without whitespace")
         request.tokens = tokens
-        count = len(tokens)
+    count = len(request.words)
     if count == 0:
         raise ProtocolError("empty_text", "there is nothing to score")
     if count > max_tokens:

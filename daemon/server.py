@@ -1,10 +1,14 @@
 """The long-running process: startup → main loop → shutdown, signals handled in one place.
 
-One thread owns the sockets and the Learner, so every update is applied in arrival order and no
-lock is needed. Messages are drained from the sockets into an in-hand queue (its length is the
-queue-depth metric), handled in arrival order, and answered; consecutive score messages of one
-stream go through the online step in one call, each still answered on its own. SIGTERM or SIGINT
-stops the intake; what is in hand is answered, a checkpoint is written, and the process exits 0.
+The main thread owns the sockets. Messages are drained from them into an in-hand queue (its
+length is the queue-depth metric) and handed, in arrival order, to the learner threads
+(workers.py): each domain belongs to one worker, which applies its messages in order, so domains
+learn in parallel while every reply stays what the single-learner daemon gives. Consecutive score
+messages of one stream go through the online step in one call, each still answered on its own.
+Every other op (save, stats, reset, ...) waits until the messages before it are answered and is
+handled by the main thread, as is every checkpoint's snapshot: the learner is then between
+messages on every worker. SIGTERM or SIGINT stops the intake; what is in hand is answered, a
+checkpoint is written, and the process exits 0.
 """
 
 from __future__ import annotations
@@ -24,19 +28,24 @@ from pathlib import Path
 import msgpack
 import zmq
 
+from rnnlm.atomic import write_text_atomic
 from rnnlm.bundled import DEFAULT_MODEL
 from rnnlm.checkpoint import CheckpointError, load_model
+from rnnlm.corpus import read_tokens
+from rnnlm.mixture import Mixture, NGramComponent, RNNComponent, default_weights
 from rnnlm.model import OnlineRule
 
 from . import protocol
 from . import systemd
 from .auth import CurveServer
+from .config import ServeConfig
 from .combination import Combination, Parts, describe_components, same_components, saved_fingerprints
 from .guard import AdaptConfig
-from .learner import Learner, MemoryBudget, message_words, token_flags
+from .learner import Learner, MemoryBudget, token_flags
 from .metrics import Metrics
 from .protocol import ProtocolError
 from .state import CheckpointWriteError, StateStore
+from .workers import Workers
 
 log = logging.getLogger("rnnlm.daemon")
 
@@ -45,42 +54,11 @@ RUN_TOKENS = 1024  # most tokens scored in one call for consecutive messages of 
 # sockets are read and pings answered, whatever the backlog (a message or run can overrun it by
 # its own time, bounded by --max-tokens and RUN_TOKENS).
 TURN_SECONDS = 0.25
+# A worker inside one run for longer than this is taken for wedged: the main loop stops pinging
+# systemd's watchdog, which then restarts the daemon (a run is bounded by RUN_TOKENS or --max-tokens).
+WORKER_STUCK_SECONDS = 10.0
+LOOKAHEAD = 64  # messages looked through for more of a run's stream, past other domains' messages
 NO_DOMAIN = "_none"  # the domain label of `learn: false` scores against a domain that does not exist
-
-
-
-@dataclass
-class ServeConfig:
-    model: str | None = None  # None: the bundled default model
-    bind: str = "tcp://127.0.0.1:5555"
-    pull_bind: str | None = None  # fire-and-forget ingestion (score with no reply)
-    metrics_addr: str = "127.0.0.1:9109"
-    state_dir: str | None = None
-    port_file: str | None = None
-    lr: float = 0.01
-    learn: bool = True
-    checkpoint_tokens: int = 100_000
-    checkpoint_seconds: float = 300.0
-    keep_checkpoints: int = 3
-    max_streams: int = 10_000
-    max_domains: int = 16
-    stream_idle_seconds: float = 3600.0
-    max_tokens: int = 10_000  # per message
-    max_message_bytes: int = 1 << 20  # larger: message_too_large; over twice this (ZMQ_MAXMSGSIZE) drops the peer
-    max_in_hand: int = 1_000  # messages drained from the sockets before handling
-    curve_secret_key: str | None = None  # the daemon's NAME.key_secret: CURVE on both sockets
-    curve_authorized_dir: str | None = None  # public keys of the clients let in (ZAP)
-    curve_admin_dir: str | None = None  # public keys allowed the control ops (save, reset, drop_domain)
-    max_domains_per_key: int | None = None  # with CURVE: domains one client key may create
-    domain_idle_seconds: float = 0.0  # drop a domain after this long without a message (0: never)
-    max_memory_mb: float | None = None  # refuse new domains, cap streams, to stay within this
-    decay_to_base: float = 0.0  # adaptation guard (guard.py): all off by default
-    shadow_sample: float = 0.0
-    guard_margin: float | None = None
-    guard_window: int = 2000
-    extra_models: tuple[str, ...] = ()  # extra RNNs in every score (combination.py), adapting like the primary
-    ngram: str | None = None  # an ARPA model in every score
-    weights: tuple[float, ...] | None = None  # primary, extras, n-gram; None: the n-gram 0.25, the RNNs share the rest
 
 
 @dataclass
@@ -112,6 +90,8 @@ class Server:
         self.in_hand: deque[Message] = deque()
         self.in_hand_of: Counter = Counter()  # messages in hand per ROUTER connection
         self.tokens_since_checkpoint = 0
+        self.tokens_in_flight = 0  # of score messages handed to the workers and not answered yet
+        self.sweep_due = False  # idle streams and domains are looked for once the workers are between messages
         self.changed_since_checkpoint = False  # anything a checkpoint holds changed (tokens, resets)
         self.last_checkpoint = time.monotonic()
         self.lru_evictions_reported = 0
@@ -154,6 +134,7 @@ class Server:
         for domain in {protocol.DEFAULT_DOMAIN, *self.learner.domains}:
             self.note_domain(domain)
         self.ctx = zmq.Context()
+        self.workers = Workers(cfg.workers, self.ctx, self.score_messages, self.metrics)
         self.curve = (CurveServer(self.ctx, cfg.curve_secret_key, cfg.curve_authorized_dir, self.metrics.handshake_failures,
                                   cfg.curve_admin_dir)
                       if cfg.curve_secret_key else None)
@@ -163,6 +144,7 @@ class Server:
         self.poller.register(self.router, zmq.POLLIN)
         if self.pull is not None:
             self.poller.register(self.pull, zmq.POLLIN)
+        self.poller.register(self.workers.wake, zmq.POLLIN)
         self.http = self.metrics.serve(cfg.metrics_addr)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.handle_exit)
@@ -235,26 +217,43 @@ class Server:
         sweep_every = min(10.0, cfg.stream_idle_seconds / 2, (cfg.domain_idle_seconds or 20.0) / 2)
         next_sweep = time.monotonic() + sweep_every
         while not self.should_exit:
-            self.watchdog.ping()
+            self.ping_watchdog()
             if self.reload_requested:
                 self.reload()
-            self.poller.poll(0 if self.in_hand else 100)
+            # with nothing in flight, whatever is in hand can go now; else a worker's answer wakes the poll
+            self.poller.poll(0 if self.in_hand and not self.workers.runs_in_flight else 100)
             self.receive()
-            self.handle_in_hand(TURN_SECONDS)
+            self.collect()
             self.maybe_checkpoint()
             if time.monotonic() >= next_sweep:
-                self.metrics.evicted.labels("idle").inc(self.learner.expire_idle())
-                self.expire_domains()
+                self.sweep_due = True
+            if self.sweep_due and not self.workers.runs_in_flight:
+                self.sweep()
                 next_sweep = time.monotonic() + sweep_every
+            self.handle_in_hand(TURN_SECONDS)
             self.update_gauges()
+
+    def sweep(self) -> None:
+        self.sweep_due = False
+        self.metrics.evicted.labels("idle").inc(self.learner.expire_idle())
+        self.expire_domains()
+
+    def ping_watchdog(self) -> None:
+        """A wedged worker must get the daemon restarted as a wedged main loop does: no ping then."""
+        if not self.workers.stuck(WORKER_STUCK_SECONDS):
+            self.watchdog.ping()
 
     def shutdown(self) -> None:
         systemd.notify("STOPPING=1")
         # Answer what has already arrived, then stop.
         self.receive()
-        while self.in_hand:
+        while self.in_hand or self.workers.runs_in_flight:
             self.handle_in_hand(TURN_SECONDS)
-            self.watchdog.ping()
+            if self.workers.runs_in_flight:
+                self.workers.wait(TURN_SECONDS)
+            self.collect()
+            self.ping_watchdog()
+        self.workers.stop()
         try:
             if self.state is not None:
                 self.write_checkpoint("shutdown")
@@ -301,52 +300,101 @@ class Server:
         self.metrics.queue_depth.set(len(self.in_hand))
 
     def handle_in_hand(self, budget: float) -> None:
-        """Answer messages in hand, in arrival order, for about `budget` seconds; the rest waits
-        for the next turn of the loop.
+        """Hand the messages in hand to the workers, or handle them here, in arrival order, for
+        about `budget` seconds; what cannot go yet waits for the next turn.
 
-        Consecutive score messages of one stream go through the online step in one call (see
-        `next_run`); each still gets its own reply and metrics, with the same numbers as if it had
-        been scored alone."""
+        A score message goes to its domain's worker, with the messages of its stream right behind
+        it (see `take_run`), unless that worker has its fill or an earlier message of the domain is
+        still waiting: then it waits too, and later messages of other domains go past it. Any other
+        message waits until everything before it is answered, and is handled here. A checkpoint
+        that falls due stops the handing-over until every worker is between messages."""
         deadline = time.perf_counter() + budget
-        messages = self.in_hand
-        while messages and time.perf_counter() < deadline:
-            run = self.next_run(messages)
+        workers = self.workers
+        waiting: deque[Message] = deque()  # taken off in_hand and put back in front, in order
+        held: set[str] = set()  # domains with a message waiting: their later messages wait too
+        while self.in_hand and time.perf_counter() < deadline:
+            if workers.runs_in_flight and (self.sweep_due or self.checkpoint_wanted(self.tokens_in_flight)):
+                break  # the snapshot or the sweep needs every worker between messages
+            if workers.all_full():
+                break  # nothing more can go before a worker answers
+            message = self.in_hand.popleft()
+            if not self.for_workers(message):
+                if waiting or workers.runs_in_flight:
+                    waiting.append(message)  # answered after every message before it
+                    break
+                self.handle_here(message)
+                continue
+            domain = message.request.domain
+            if domain in held or not workers.has_room(domain):
+                held.add(domain)
+                waiting.append(message)
+                continue
+            run = self.take_run(message)
+            tokens = sum(len(m.request.words) for m in run)
             started = time.perf_counter()
-            for message in run:
-                self.metrics.queue_wait.observe(started - message.start)
-            if len(run) == 1:
-                start = time.perf_counter()
-                reply, outcome = self.execute(run[0])
-                self.answer(run[0], reply, outcome, run[0].parsed + time.perf_counter() - start)
-            else:
-                self.answer_run(run)
-            for message in run:
-                self.in_hand_of[message.peer] -= 1
-                if not self.in_hand_of[message.peer]:
-                    del self.in_hand_of[message.peer]
-            self.maybe_checkpoint()
-            self.watchdog.ping()
-        self.metrics.queue_depth.set(len(messages))
+            for m in run:
+                self.metrics.queue_wait.observe(started - m.start)
+            self.tokens_in_flight += tokens
+            workers.hand(domain, run, tokens)
+        self.in_hand.extendleft(reversed(waiting))
+        self.metrics.queue_depth.set(len(self.in_hand))
 
-    def next_run(self, messages: deque) -> list[Message]:
-        """Take the next message, and the score messages right behind it that can share its call.
+    @staticmethod
+    def for_workers(message: Message) -> bool:
+        return message.failure is None and message.op == "score"
 
-        A run stops at another stream (or domain, or `learn`), at RUN_TOKENS, and at the message
-        that makes a checkpoint due: checkpoints fall after the same messages as without runs."""
-        run = [messages.popleft()]
-        head = run[0].request
-        if head is None or head.op != "score" or head.seq is not None or not self.learner.scores_runs:
+    def handle_here(self, message: Message) -> None:
+        """A control op (or a message that could not be parsed), with every worker between messages."""
+        self.metrics.queue_wait.observe(time.perf_counter() - message.start)
+        start = time.perf_counter()
+        reply, outcome = self.execute(message)
+        self.answer(message, reply, outcome, message.parsed + time.perf_counter() - start)
+        self.answered(message)
+        self.maybe_checkpoint()
+        self.ping_watchdog()
+
+    def answered(self, message: Message) -> None:
+        self.in_hand_of[message.peer] -= 1
+        if not self.in_hand_of[message.peer]:
+            del self.in_hand_of[message.peer]
+
+    def collect(self) -> None:
+        """Send the replies the workers have finished, in the order each worker finished them."""
+        for done in self.workers.collect(keep=lambda domain: domain in self.learner.domains):
+            self.tokens_in_flight -= done.tokens_handed
+            self.tokens_since_checkpoint += done.tokens_scored
+            for message, (reply, outcome, seconds) in zip(done.run, done.answers):
+                self.answer(message, reply, outcome, seconds)
+                self.answered(message)
+
+    def take_run(self, head: Message) -> list[Message]:
+        """The message, and the score messages of its stream after it that can share its call.
+
+        Messages of other domains in between keep their place; a run stops at a control op, at
+        another stream (or `learn`) of the same domain, at RUN_TOKENS, and at the message that
+        makes a checkpoint due: checkpoints fall after the same messages as without runs."""
+        run = [head]
+        first = head.request
+        if first.seq is not None or not self.learner.scores_runs:
             return run  # numbered messages go one at a time, each checked against its stream's number
-        tokens = len(message_words(head))
-        while messages and tokens < RUN_TOKENS and not self.checkpoint_due(self.tokens_since_checkpoint + tokens):
-            request = messages[0].request
-            if (request is None or request.op != "score" or request.seq is not None
-                    or (request.domain, request.stream, request.learn) != (head.domain, head.stream, head.learn)):
+        tokens = len(first.words)
+        i = 0
+        while (i < min(len(self.in_hand), LOOKAHEAD) and tokens < RUN_TOKENS
+               and not self.checkpoint_wanted(self.tokens_in_flight + tokens)):
+            message = self.in_hand[i]
+            if not self.for_workers(message):
                 break
-            n = len(message_words(request))
+            request = message.request
+            if request.domain != first.domain:
+                i += 1
+                continue
+            if request.seq is not None or (request.stream, request.learn) != (first.stream, first.learn):
+                break
+            n = len(request.words)
             if tokens + n > RUN_TOKENS:
                 break
-            run.append(messages.popleft())
+            run.append(message)
+            del self.in_hand[i]
             tokens += n
         return run
 
@@ -375,8 +423,6 @@ class Server:
             return message.failure
         try:
             self.check_allowed(message)
-            if message.op == "score":
-                return self.op_score(message.request, message.user), "ok"
             return getattr(self, f"op_{message.op}")(message.request), "ok"
         except Exception as err:
             return self.failure(message, err)
@@ -386,19 +432,25 @@ class Server:
             raise ProtocolError("forbidden", f"'{message.op}' is a control op, allowed only to the keys in "
                                              "--curve-admin-dir")
 
-    def answer_run(self, run: list[Message]) -> None:
+    def score_messages(self, run: list[Message]) -> tuple[list[tuple[dict, str, float]], int]:
+        """Score a run of one stream's messages (a worker thread): each message's reply, outcome
+        and seconds (its share of the call, by tokens, plus its own parsing), and the tokens scored."""
         start = time.perf_counter()
         try:
-            results = self.learner.score_run([m.request for m in run], run[0].user)
-            self.metrics.step_calls.inc()
-            outcomes = [(self.score_reply(m.request, r), "ok") for m, r in zip(run, results)]
+            if len(run) == 1:
+                replies = [self.op_score(run[0].request, run[0].user)]
+            else:
+                results = self.learner.score_run([m.request for m in run], run[0].user)
+                self.metrics.step_calls.inc()
+                replies = [self.score_reply(m.request, r) for m, r in zip(run, results)]
+            outcomes = [(reply, "ok") for reply in replies]
         except Exception as err:  # e.g. too_many_domains: each message would have got the same answer
             outcomes = [self.failure(m, err) for m in run]
-        # Each message is charged its share of the call, by tokens, plus its own parsing.
-        tokens = [len(message_words(m.request)) for m in run]
+        tokens = [len(m.request.words) for m in run]
         seconds = time.perf_counter() - start
-        for message, (reply, outcome), n in zip(run, outcomes, tokens):
-            self.answer(message, reply, outcome, message.parsed + seconds * n / max(sum(tokens), 1))
+        scored = sum(n for n, (reply, outcome) in zip(tokens, outcomes) if outcome == "ok" and not reply.get("duplicate"))
+        return ([(reply, outcome, m.parsed + seconds * n / max(sum(tokens), 1))
+                 for m, (reply, outcome), n in zip(run, outcomes, tokens)], scored)
 
     def failure(self, message: Message, err: Exception) -> tuple[dict, str]:
         if isinstance(err, ProtocolError):
@@ -476,7 +528,6 @@ class Server:
         if result.rolled_back:
             m.child(m.rollbacks, d).inc()
             log.warning("domain %r rolled back: %s", d, result.rolled_back)
-        self.tokens_since_checkpoint += n
         return protocol.ok(
             request.id,
             logprobs=result.logprobs.tolist(),
@@ -502,6 +553,7 @@ class Server:
 
     def op_drop_domain(self, request: protocol.Request) -> dict:
         existed = self.learner.drop_domain(request.domain)
+        self.workers.unassign(request.domain)
         self.changed_since_checkpoint |= existed
         if existed:
             log.info("domain %r dropped on request", request.domain)
@@ -552,6 +604,7 @@ class Server:
                      len(idle), seconds, ", ".join(map(repr, idle)), path)
         for name in idle:
             self.learner.drop_domain(name)
+            self.workers.unassign(name)
         self.changed_since_checkpoint = True
         self.metrics.domains_expired.inc(len(idle))
 
@@ -564,8 +617,12 @@ class Server:
         adapt = AdaptConfig(cfg.decay_to_base, cfg.shadow_sample, cfg.guard_margin, cfg.guard_window)
 
         parts = None
+        primary = None  # the --model (or bundled) model, loaded once for whatever needs it
         if cfg.extra_models or cfg.ngram:
-            parts = Parts.load(cfg.extra_models, cfg.ngram, cfg.weights or default_weights(len(cfg.extra_models), cfg.ngram))
+            parts = Parts.load(cfg.extra_models, cfg.ngram, cfg.weights or default_weights(1 + len(cfg.extra_models), bool(cfg.ngram)))
+            if cfg.tune_on:
+                primary = load_model(cfg.model or DEFAULT_MODEL)
+                parts.weights = self.tuned_weights(primary, parts, rule)
             log.info("combining every score with %s", describe_components(parts.fingerprints))
         ours = parts.fingerprints if parts is not None else []
 
@@ -574,7 +631,9 @@ class Server:
             return Learner(model, rule, cfg.max_streams, cfg.max_domains, cfg.stream_idle_seconds, adapt, combination,
                            cfg.max_domains_per_key)
 
-        given = load_model(cfg.model) if cfg.model is not None and self.state is not None and self.state.files() else None
+        if cfg.model is not None and self.state is not None and self.state.files():
+            primary = primary or load_model(cfg.model)
+        given = primary if cfg.model is not None else None
 
         def accept(payload: dict, path: Path, model) -> None:
             """A valid file of another set-up stops the start: skipping it would lose its state."""
@@ -589,23 +648,43 @@ class Server:
                                       "--state-dir to start fresh")
 
         learner = self.state.resume(new_learner, accept) if self.state is not None else None
-        return learner or new_learner(load_model(cfg.model or DEFAULT_MODEL))
+        return learner or new_learner(primary or load_model(cfg.model or DEFAULT_MODEL))
+
+    def tuned_weights(self, primary, parts: Parts, rule: OnlineRule) -> list[float]:
+        """--tune-on: the mixture weights by EM on a validation text, every RNN learning at --lr as
+        it will in service (as `rnnlm eval --dynamic LR --tune-on`; each adapts a copy)."""
+        cfg = self.config
+        rnns = [(cfg.model or str(DEFAULT_MODEL), primary), *parts.extras]
+        components = [RNNComponent(model, name, rule) for name, model in rnns]
+        if parts.ngram is not None:
+            components.append(NGramComponent(parts.ngram[1], parts.ngram[0]))
+        mixture = Mixture(components, parts.weights)
+        em = mixture.tune(read_tokens(cfg.tune_on))
+        weights = [float(w) for w in mixture.weights]
+        log.info("mixture weights tuned on %s: %s (%d EM iterations, perplexity there %.2f)", cfg.tune_on,
+                 ",".join(f"{w:.6g}" for w in weights), em.iterations, em.perplexity)
+        return weights
 
     def maybe_checkpoint(self) -> None:
-        """Collect a finished write; start one when due, in the background.
+        """Collect a finished write; start one when due, in the background, once every worker is
+        between messages (handing messages over waits for that, see `handle_in_hand`).
 
         A checkpoint due while one is still being written waits for it, so a crash loses at most
-        two --checkpoint-tokens' worth of updates (and one message)."""
+        two --checkpoint-tokens' worth of updates (and one message): the tokens in flight count toward it."""
         if self.state is None:
             return
         self.state.poll()
-        if not self.checkpoint_due(self.tokens_since_checkpoint):
+        if not self.checkpoint_wanted(0) or self.workers.runs_in_flight:
             return
         if self.state.busy:
-            if self.tokens_since_checkpoint < self.config.checkpoint_tokens:
-                return  # due by time only: the next turn will do
             self.state.finish()
         self.start_checkpoint("scheduled")
+
+    def checkpoint_wanted(self, tokens_in_flight: int) -> bool:
+        """Whether a checkpoint should be taken once `tokens_in_flight` more tokens are scored. Due
+        by time only while the last one is still being written, it waits for the write to end."""
+        tokens = self.tokens_since_checkpoint + tokens_in_flight
+        return self.checkpoint_due(tokens) and (not self.state.busy or tokens >= self.config.checkpoint_tokens)
 
     def checkpoint_due(self, tokens_since_checkpoint: int) -> bool:
         cfg = self.config
@@ -657,13 +736,6 @@ class Server:
             self.lru_evictions_reported = lru
 
 
-def default_weights(extra_count: int, ngram: str | None, ngram_weight: float = 0.25) -> list[float]:
-    """As `rnnlm eval`: the n-gram gets `ngram_weight`, the RNNs (primary and extras) share the rest."""
-    rnns = 1 + extra_count
-    kn = ngram_weight if ngram else 0.0
-    return [(1.0 - kn) / rnns] * rnns + ([kn] if ngram else [])
-
-
 def same_model(a, b) -> bool:
     return a.vocab.words == b.vocab.words and all(
         (x == y).all() for x, y in zip(a.weights.arrays().values(), b.weights.arrays().values()))
@@ -685,10 +757,3 @@ def return_big_blocks_to_the_system() -> None:
 
 
 M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from rnnlm.checkpoint import VERSION, CheckpointError, read_checked, write_atomic
+from rnnlm.checkpoint import VERSION, CheckpointError, read_checked, stacked_stream_states, write_atomic
 
-from .learner import STATE_FORMAT, Learner, base_model_of, stacked_states
+from .learner import STATE_FORMAT, Learner, base_model_of
 
 log = logging.getLogger("rnnlm.daemon")
 
@@ -87,7 +87,7 @@ class Snapshot:
             with self.lock:
                 for key in keys[lo:lo + STREAMS_PER_LOCK]:
                     self._copy_stream(key)
-        self.payload["stream_states"] = stacked_states(self.states, self.learner.model, self.learner.rule)
+        self.payload["stream_states"] = stacked_stream_states(self.states, self.learner.model.new_state(self.learner.rule))
         return self.payload
 
     def drop(self) -> None:

@@ -9,8 +9,6 @@ a torn one. Reading uses `torch.load(weights_only=True)`: a pickle that tries to
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -18,8 +16,10 @@ import numpy as np
 import torch
 
 from . import kernels
+from .atomic import atomic_file
 from .corpus import EOS
-from .model import RNNLM, Config, Weights, check_direct_size
+from .evaluate import Tally
+from .model import RNNLM, Config, StreamState, Weights, check_direct_size
 from .vocab import CLASS_RULES, RARE, Vocabulary
 
 MODEL_FORMAT = "rnnlm-model"
@@ -33,21 +33,8 @@ class CheckpointError(ValueError):
 def write_atomic(path: str | Path, payload: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    with atomic_file(path, private=True) as f:
+        torch.save(payload, f)
 
 
 def read_checked(path: str | Path, expected_format: str) -> dict:
@@ -241,6 +228,51 @@ def _check_direct(config: Config, vocab: Vocabulary, where: str) -> None:
         raise CheckpointError(f"{where}: {err}") from None
 
 
+# --- a stream's state and running totals, as the daemon's state file holds them ----------------
+
+STREAM_STATE_DTYPES = {"hidden": torch.float32, "inputs": torch.int32, "errors": torch.float32, "meta": torch.int64}
+TALLY_FIELDS = ("words", "oov", "rare", "loss_nats")
+
+
+def stream_state_tensors(state: StreamState, copy: bool = False) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(getattr(state, k).copy() if copy else getattr(state, k)) for k in STREAM_STATE_DTYPES}
+
+
+def stacked_stream_states(states: list[StreamState], empty: StreamState) -> dict[str, torch.Tensor]:
+    """Streams' states, one tensor per field with a row per stream (always a copy): a few big
+    tensors instead of four per stream, which would make a snapshot and its write take seconds.
+    `empty` (a fresh state) gives the shapes when there are no streams."""
+    if not states:
+        return {k: torch.from_numpy(np.zeros((0, *getattr(empty, k).shape), dtype=getattr(empty, k).dtype))
+                for k in STREAM_STATE_DTYPES}
+    return {k: torch.from_numpy(np.stack([getattr(s, k) for s in states])) for k in STREAM_STATE_DTYPES}
+
+
+def stream_state_rows(stacked, count: int, where: str) -> dict | None:
+    """The stacked stream states of a file, checked to hold one row per stream (None: a file
+    written before they were stacked keeps each stream's tensors in its own entry)."""
+    if stacked is None:
+        return None
+    if not isinstance(stacked, dict) or not all(
+            isinstance(stacked.get(k), torch.Tensor) and stacked[k].dim() >= 1 and stacked[k].shape[0] == count
+            for k in STREAM_STATE_DTYPES):
+        raise CheckpointError(f"{where}: the stream states are not tensors with one row per stream ({count})")
+    return stacked
+
+
+def stream_state_from_tensors(saved: dict, state: StreamState, vocab_size: int, where: str) -> StreamState:
+    """`state` (a fresh one of the model) filled from saved tensors, checked: dtypes, shapes (the
+    window), word ids, finite values."""
+    for k, dtype in STREAM_STATE_DTYPES.items():
+        tensor, target = saved[k], getattr(state, k)
+        if not isinstance(tensor, torch.Tensor) or tensor.dtype != dtype or tuple(tensor.shape) != target.shape:
+            raise CheckpointError(f"{where}: stream state '{k}' is not {dtype} of shape {target.shape} "
+                                  "(or its window differs from this daemon's)")
+        np.copyto(target, tensor.numpy())
+    check_stream_arrays(state.inputs, state.meta, state.hidden, state.errors, vocab_size, where)
+    return state
+
+
 def check_stream_arrays(inputs: np.ndarray, meta: np.ndarray, hidden: np.ndarray, errors: np.ndarray,
                         vocab_size: int, where: str) -> None:
     """A saved stream state: word ids index the weight matrices unchecked in the compiled step."""
@@ -251,6 +283,20 @@ def check_stream_arrays(inputs: np.ndarray, meta: np.ndarray, hidden: np.ndarray
           and np.isfinite(hidden).all() and np.isfinite(errors).all())
     if not ok:
         raise CheckpointError(f"{where}: a stream's state holds word ids outside the vocabulary or values out of range")
+
+
+def tally_to_state(tally: Tally) -> dict:
+    return {k: getattr(tally, k) for k in TALLY_FIELDS}
+
+
+def tally_from_state(state: dict, where: str = "state", fields: tuple[str, ...] = TALLY_FIELDS) -> Tally:
+    tally = Tally()
+    for k in fields:
+        value = state[k]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
+            raise CheckpointError(f"{where}: tally field {k} is not a finite non-negative number")
+        setattr(tally, k, type(getattr(tally, k))(value))
+    return tally
 
 
 def save_model(model: RNNLM, path: str | Path) -> None:

@@ -8,6 +8,8 @@ import time
 
 import click
 
+from rnnlm.daemon.config import ServeConfig
+
 from .checkpoint import load_model, save_model
 from .cli_errors import BadValue, check_output_file, friendly_errors, option_error, progress_bar, say
 from .corpus import read_lines, read_tokens, tokenize_line
@@ -301,14 +303,11 @@ def _mixture_weights(weights_text, ngram_weight, rnn_count: int, has_ngram: bool
         return weights
     if ngram_weight is not None and not has_ngram:
         raise click.UsageError("--ngram-weight needs an --ngram model")
-    if not has_ngram:
-        return [1.0 / count] * count
-    if rnn_count == 0:
-        if ngram_weight not in (None, 1.0):
-            raise click.UsageError("--ngram-weight needs a --model to mix the n-gram with")
-        return [1.0]
-    kn = 0.25 if ngram_weight is None else ngram_weight
-    return [(1.0 - kn) / rnn_count] * rnn_count + [kn]
+    if has_ngram and rnn_count == 0 and ngram_weight not in (None, 1.0):
+        raise click.UsageError("--ngram-weight needs a --model to mix the n-gram with")
+    from .mixture import DEFAULT_NGRAM_WEIGHT, default_weights
+
+    return default_weights(rnn_count, has_ngram, DEFAULT_NGRAM_WEIGHT if ngram_weight is None else ngram_weight)
 
 
 def evaluate_static_parallel(model: RNNLM, lines: list[str], threads: int) -> Tally:
@@ -331,44 +330,45 @@ def evaluate_static_parallel(model: RNNLM, lines: list[str], threads: int) -> Ta
 
 @main.command()
 @click.option("--model", "model_file", default=None, type=click.Path(dir_okay=False), help="Model file (default: the bundled default model).")
-@click.option("--bind", default="tcp://127.0.0.1:5555", show_default=True, help="Request/reply endpoint (ROUTER); ipc:// works, port 0 picks a free one.")
+@click.option("--bind", default=ServeConfig.bind, show_default=True, help="Request/reply endpoint (ROUTER); ipc:// works, port 0 picks a free one.")
 @click.option("--pull-bind", default=None, help="Optional fire-and-forget ingestion endpoint (PULL): score ops, no replies.")
-@click.option("--metrics-addr", default="127.0.0.1:9109", show_default=True, help="HOST:PORT of the Prometheus /metrics endpoint (port 0 picks one).")
+@click.option("--metrics-addr", default=ServeConfig.metrics_addr, show_default=True, help="HOST:PORT of the Prometheus /metrics endpoint (port 0 picks one).")
 @click.option("--state-dir", default=None, type=click.Path(file_okay=False), help="Where checkpoints of the adapted state go; a restart resumes from the newest.")
 @click.option("--port-file", default=None, type=click.Path(dir_okay=False), help="Write the bound endpoints as JSON here once ready (for tests and supervisors).")
-@click.option("--lr", default=0.01, show_default=True, type=click.FloatRange(0, min_open=True), help="Fixed SGD rate of the online update (the dynamic model).")
+@click.option("--lr", default=ServeConfig.lr, show_default=True, type=click.FloatRange(0, min_open=True), help="Fixed SGD rate of the online update (the dynamic model).")
 @click.option("--no-learn", is_flag=True, help="Score only; never update the weights.")
-@click.option("--checkpoint-tokens", default=100_000, show_default=True, type=click.IntRange(1), help="Checkpoint after this many scored tokens.")
-@click.option("--checkpoint-seconds", default=300.0, show_default=True, type=click.FloatRange(0.1), help="...or after this many seconds with new tokens.")
-@click.option("--keep-checkpoints", default=3, show_default=True, type=click.IntRange(1), help="Checkpoint files to keep.")
-@click.option("--max-streams", default=10_000, show_default=True, type=click.IntRange(1), help="Streams with hidden state; the least recently used is dropped beyond this.")
-@click.option("--stream-idle-seconds", default=3600.0, show_default=True, type=click.FloatRange(1), help="Drop a stream's state after this long without traffic.")
-@click.option("--max-domains", default=16, show_default=True, type=click.IntRange(1), help="Domains (sets of adapted weights).")
-@click.option("--max-tokens", default=10_000, show_default=True, type=click.IntRange(1), help="Tokens in one message.")
-@click.option("--max-message-bytes", default=1 << 20, show_default=True, type=click.IntRange(64), help="Largest request; up to twice this gets a message_too_large error, more makes ZeroMQ disconnect the peer.")
-@click.option("--max-pending", default=1_000, show_default=True, type=click.IntRange(1), help="Messages taken from the sockets before they are handled; the rest wait in ZeroMQ's queues.")
+@click.option("--checkpoint-tokens", default=ServeConfig.checkpoint_tokens, show_default=True, type=click.IntRange(1), help="Checkpoint after this many scored tokens.")
+@click.option("--checkpoint-seconds", default=ServeConfig.checkpoint_seconds, show_default=True, type=click.FloatRange(0.1), help="...or after this many seconds with new tokens.")
+@click.option("--keep-checkpoints", default=ServeConfig.keep_checkpoints, show_default=True, type=click.IntRange(1), help="Checkpoint files to keep.")
+@click.option("--max-streams", default=ServeConfig.max_streams, show_default=True, type=click.IntRange(1), help="Streams with hidden state; the least recently used is dropped beyond this.")
+@click.option("--stream-idle-seconds", default=ServeConfig.stream_idle_seconds, show_default=True, type=click.FloatRange(1), help="Drop a stream's state after this long without traffic.")
+@click.option("--max-domains", default=ServeConfig.max_domains, show_default=True, type=click.IntRange(1), help="Domains (sets of adapted weights).")
+@click.option("--max-tokens", default=ServeConfig.max_tokens, show_default=True, type=click.IntRange(1), help="Tokens in one message.")
+@click.option("--max-message-bytes", default=ServeConfig.max_message_bytes, show_default=True, type=click.IntRange(64), help="Largest request; up to twice this gets a message_too_large error, more makes ZeroMQ disconnect the peer.")
+@click.option("--max-pending", default=ServeConfig.max_in_hand, show_default=True, type=click.IntRange(1), help="Messages taken from the sockets before they are handled; the rest wait in ZeroMQ's queues.")
 @click.option("--curve-secret-key", default=None, type=click.Path(dir_okay=False), help="The daemon's key pair (NAME.key_secret from `rnnlm keygen`): CURVE encryption on the request and ingest sockets.")
 @click.option("--curve-authorized-dir", default=None, type=click.Path(file_okay=False), help="Directory of the public keys (*.key) of the clients let in; every other client is refused.")
 @click.option("--curve-admin-dir", default=None, type=click.Path(file_okay=False), help="With CURVE: only the clients whose public keys (*.key) are here may send save, reset and drop_domain (they must be authorised too). SIGHUP rereads it.")
 @click.option("--max-domains-per-key", default=None, type=click.IntRange(1), help="With CURVE: domains one client key may create.")
 @click.option("--max-memory-mb", default=None, type=click.FloatRange(1), help="Refuse new domains (error memory_budget), and drop the least recently used streams, rather than grow past this; see the memory budget in the docs.")
-@click.option("--domain-idle-seconds", default=0.0, show_default=True, type=click.FloatRange(0), help="Drop a domain after this long without a message, after a checkpoint that holds it; 0 = never.")
-@click.option("--decay-to-base", default=0.0, show_default=True, type=click.FloatRange(0, 1), help="After each message learned from, w += λ(w_base - w) (Krause et al. 2018); 0 = off.")
-@click.option("--shadow-sample", default=0.0, show_default=True, type=click.FloatRange(0, 1), help="Fraction of score messages also scored by the base model, for the adapted-vs-base metrics; 0 = off.")
+@click.option("--domain-idle-seconds", default=ServeConfig.domain_idle_seconds, show_default=True, type=click.FloatRange(0), help="Drop a domain after this long without a message, after a checkpoint that holds it; 0 = never.")
+@click.option("--decay-to-base", default=ServeConfig.decay_to_base, show_default=True, type=click.FloatRange(0, 1), help="After each message learned from, w += λ(w_base - w) (Krause et al. 2018); 0 = off.")
+@click.option("--shadow-sample", default=ServeConfig.shadow_sample, show_default=True, type=click.FloatRange(0, 1), help="Fraction of score messages also scored by the base model, for the adapted-vs-base metrics; 0 = off.")
 @click.option("--guard-margin", default=None, type=click.FloatRange(0), help="Roll a domain back when its adapted perplexity on the sample exceeds the base model's by this fraction (0.1 = 10 %); needs --shadow-sample.")
-@click.option("--guard-window", default=2000, show_default=True, type=click.IntRange(1), help="Sampled tokens per guard comparison.")
+@click.option("--guard-window", default=ServeConfig.guard_window, show_default=True, type=click.IntRange(1), help="Sampled tokens per guard comparison.")
 @click.option("--extra-model", "extra_models", multiple=True, type=click.Path(dir_okay=False), help="Another RNN model in every score, adapting per domain like --model; repeat for more.")
 @click.option("--ngram", "ngram_file", default=None, type=click.Path(dir_okay=False), help="ARPA backoff model (e.g. from `rnnlm ngram build`) in every score.")
 @click.option("--ngram-weight", type=click.FloatRange(0, 1), default=None, help="Weight of the --ngram model (default 0.25); the RNNs share the rest equally.")
 @click.option("--weights", "weights_text", default=None, metavar="W1,W2,...", help="Mixture weights: --model, each --extra-model in order, then the n-gram's; they sum to 1.")
 @click.option("--tune-on", "tune_file", default=None, type=click.Path(dir_okay=False), help="Before serving, tune the mixture weights by EM on this validation text, every RNN learning at --lr as it will in service (as `rnnlm eval --dynamic LR --tune-on`).")
+@click.option("--workers", default=None, type=click.IntRange(1), help="Learner threads; domains are spread over them and learn in parallel, each in its own arrival order (default: the number of cores).")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
 @friendly_errors
 def serve(model_file, bind, pull_bind, metrics_addr, state_dir, port_file, lr, no_learn, checkpoint_tokens,
           checkpoint_seconds, keep_checkpoints, max_streams, stream_idle_seconds, max_domains, max_tokens,
           max_message_bytes, max_pending, curve_secret_key, curve_authorized_dir, curve_admin_dir, max_domains_per_key,
           max_memory_mb, domain_idle_seconds, decay_to_base, shadow_sample,
-          guard_margin, guard_window, extra_models, ngram_file, ngram_weight, weights_text, tune_file, log_level):
+          guard_margin, guard_window, extra_models, ngram_file, ngram_weight, weights_text, tune_file, workers, log_level):
     """Run the daemon: score text streamed over ZeroMQ and keep learning from it.
 
     Every word is scored with the current weights, then the network takes one SGD step on it at
@@ -381,42 +381,8 @@ def serve(model_file, bind, pull_bind, metrics_addr, state_dir, port_file, lr, n
     """
     import logging
 
-    from rnnlm.daemon.server import Server, ServeConfig
+    from rnnlm.daemon.server import Server
 
-    if (curve_secret_key is None) != (curve_authorized_dir is None):
-        raise click.UsageError("--curve-secret-key and --curve-authorized-dir go together")
-    if curve_secret_key is None and (curve_admin_dir or max_domains_per_key):
-        raise click.UsageError("--curve-admin-dir and --max-domains-per-key tell clients apart by their CURVE keys: "
-                               "give --curve-secret-key and --curve-authorized-dir too")
-    # Addresses first: a typo should be the one thing said, before any warning or model loading.
-    _check_bindable("--bind", bind)
-    if pull_bind:
-        _check_bindable("--pull-bind", pull_bind)
-    _check_listenable("--metrics-addr", metrics_addr)
-    if guard_margin is not None and not shadow_sample:
-        raise click.UsageError("--guard-margin compares against the base model's shadow: give --shadow-sample too")
-    weights = None
-    if extra_models or ngram_file:
-        _need_files(*extra_models, ngram_file, tune_file)
-        if tune_file and (weights_text or ngram_weight is not None):
-            raise click.UsageError("--tune-on finds the weights itself; leave out --weights and --ngram-weight")
-        weights = tuple(_mixture_weights(weights_text, ngram_weight, 1 + len(extra_models), bool(ngram_file)))
-    elif weights_text is not None or ngram_weight is not None or tune_file:
-        raise click.UsageError("--weights, --ngram-weight and --tune-on need --extra-model or --ngram")
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    if tune_file:
-        from rnnlm.daemon.server import DEFAULT_MODEL
-
-        rule = None if no_learn else OnlineRule(lr=lr)
-        mixture = _build_mixture([model_file or str(DEFAULT_MODEL), *extra_models], ngram_file, None, None, rule)
-        em = mixture.tune(read_tokens(tune_file))
-        weights = tuple(float(w) for w in mixture.weights)
-        logging.getLogger("rnnlm.daemon").info(
-            "mixture weights tuned on %s: %s (%d EM iterations, perplexity there %.2f)", tune_file,
-            ",".join(f"{w:.6g}" for w in weights), em.iterations, em.perplexity)
-    if curve_secret_key is None and not all(_is_loopback(e) for e in (bind, pull_bind) if e):
-        logging.getLogger("rnnlm.daemon").warning(
-            "serving without CURVE on a non-loopback endpoint: anyone who can reach it can make the model learn")
     config = ServeConfig(model=model_file, bind=bind, pull_bind=pull_bind, metrics_addr=metrics_addr,
                          state_dir=state_dir, port_file=port_file, lr=lr, learn=not no_learn,
                          checkpoint_tokens=checkpoint_tokens, checkpoint_seconds=checkpoint_seconds,
@@ -428,7 +394,29 @@ def serve(model_file, bind, pull_bind, metrics_addr, state_dir, port_file, lr, n
                          domain_idle_seconds=domain_idle_seconds, max_memory_mb=max_memory_mb,
                          decay_to_base=decay_to_base, shadow_sample=shadow_sample, guard_margin=guard_margin,
                          guard_window=guard_window, extra_models=tuple(extra_models), ngram=ngram_file,
-                         weights=weights)
+                         tune_on=tune_file, **({"workers": workers} if workers is not None else {}))
+    try:
+        config.check()
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+    # Addresses first: a typo should be the one thing said, before any warning or model loading.
+    _check_bindable("--bind", bind)
+    if pull_bind:
+        _check_bindable("--pull-bind", pull_bind)
+    _check_listenable("--metrics-addr", metrics_addr)
+    weights = None
+    if extra_models or ngram_file:
+        _need_files(*extra_models, ngram_file, tune_file)
+        if tune_file and (weights_text or ngram_weight is not None):
+            raise click.UsageError("--tune-on finds the weights itself; leave out --weights and --ngram-weight")
+        weights = tuple(_mixture_weights(weights_text, ngram_weight, 1 + len(extra_models), bool(ngram_file)))
+    elif weights_text is not None or ngram_weight is not None or tune_file:
+        raise click.UsageError("--weights, --ngram-weight and --tune-on need --extra-model or --ngram")
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if curve_secret_key is None and not all(_is_loopback(e) for e in (bind, pull_bind) if e):
+        logging.getLogger("rnnlm.daemon").warning(
+            "serving without CURVE on a non-loopback endpoint: anyone who can reach it can make the model learn")
+    config.weights = weights
     sys.exit(Server(config).run())
 
 

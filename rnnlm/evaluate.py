@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from .model import RNNLM, OnlineRule, StreamState, Weights
+from .model import FROZEN, RNNLM, OnlineRule, StreamState, Weights
 from .vocab import OOV, RARE_WORD
 
 CHUNK = 8192  # words per call into the compiled loop; small enough for a lively progress bar
@@ -75,7 +75,7 @@ def evaluate(model: RNNLM, words: list[str], rule: OnlineRule | None = None, wei
 
     Dynamic evaluation changes the weights it is given; pass a copy to keep the model as it was.
     """
-    rule = rule or OnlineRule(learn=False)
+    rule = rule or FROZEN
     state = state or model.new_state(rule)
     ids, kinds = model.vocab.encode(words)
     offsets = model.vocab.word_logprob_offset(kinds)

@@ -68,11 +68,10 @@ import numpy as np
 
 from .corpus import EOS
 from .evaluate import Tally, evaluate
-from .model import RNNLM, OnlineRule
+from .model import FROZEN, RNNLM, OnlineRule
 from .ngram import BOS, BackoffLM
 from .vocab import KNOWN, OOV, RARE, RARE_WORD, UNK
 
-STATIC = OnlineRule(learn=False)
 NOT_EVENTS = frozenset({UNK, BOS, RARE})  # tokens that name no word of their own
 
 
@@ -105,13 +104,13 @@ class RNNComponent:
         if self.dynamic:
             evaluate(self.model, list(tokens), self.rule, weights=self.model.weights.copy(), per_word=per_word)
         else:
-            evaluate(self.model, list(tokens), STATIC, per_word=per_word)
+            evaluate(self.model, list(tokens), FROZEN, per_word=per_word)
         return np.asarray(per_word) + self.share_offsets(tokens, lumped)
 
     def sentence_logprobs(self, words: Sequence[str], lumped: int) -> np.ndarray:
         """ln P of each word and `</s>`, from a fresh state, static (for n-best rescoring)."""
         tokens = [*words, EOS]
-        logp = self.model.score_words(tokens, self.model.new_state(), STATIC)[0]
+        logp = self.model.score_words(tokens, self.model.new_state(), FROZEN)[0]
         return logp + self.share_offsets(tokens, lumped)
 
     def share_offsets(self, tokens: Sequence[str], lumped: int) -> np.ndarray:
@@ -212,6 +211,17 @@ def em_weights(logp: np.ndarray, weights: Sequence[float] | None = None, tol: fl
             break
     final = float(mix_logprobs(usable, lam).mean())
     return EMResult(lam, iteration, math.exp(-final), history)
+
+
+DEFAULT_NGRAM_WEIGHT = 0.25  # the classic 0.75·RNN + 0.25·KN5
+
+
+def default_weights(rnn_count: int, has_ngram: bool, ngram_weight: float = DEFAULT_NGRAM_WEIGHT) -> list[float]:
+    """Mixture weights when none are given: the n-gram gets `ngram_weight`, the RNNs share the rest."""
+    if not rnn_count:
+        return [1.0]
+    kn = ngram_weight if has_ngram else 0.0
+    return [(1.0 - kn) / rnn_count] * rnn_count + ([kn] if has_ngram else [])
 
 
 def normalise(weights: Sequence[float]) -> np.ndarray:

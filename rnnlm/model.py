@@ -150,6 +150,9 @@ class OnlineRule:
         return self.bptt + self.block
 
 
+FROZEN = OnlineRule(learn=False)  # scores without learning: static evaluation, the base model's shadow
+
+
 class RNNLM:
     def __init__(self, config: Config, vocab: Vocabulary, weights: Weights):
         self.config = config

@@ -33,14 +33,14 @@ from __future__ import annotations
 
 import errno
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
+
+from .atomic import atomic_file
 
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 LN10 = math.log(10.0)
@@ -454,33 +454,15 @@ def write_arpa(lm: BackoffLM, path: str | Path) -> None:
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(errno.ENOENT, "no such directory", str(path.parent))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write("\\data\\\n")
-            for n, table in enumerate(lm.tables, start=1):
-                f.write(f"ngram {n}={len(table)}\n")
-            words = np.array(lm.vocab, dtype=object)
-            for n, table in enumerate(lm.tables, start=1):
-                f.write(f"\n\\{n}-grams:\n")
-                _write_section(f, table, words)
-            f.write("\n\\end\\\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    with atomic_file(path, text=True) as f:
+        f.write("\\data\\\n")
+        for n, table in enumerate(lm.tables, start=1):
+            f.write(f"ngram {n}={len(table)}\n")
+        words = np.array(lm.vocab, dtype=object)
+        for n, table in enumerate(lm.tables, start=1):
+            f.write(f"\n\\{n}-grams:\n")
+            _write_section(f, table, words)
+        f.write("\n\\end\\\n")
 
 
 def _write_section(f, table: NGramTable, words: np.ndarray, chunk: int = 200_000) -> None:
