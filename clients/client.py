@@ -57,6 +57,7 @@ class Client:
         self.links: dict[str, Link] = {}
         self.socket = self.link(endpoint).socket  # the first daemon's; others are connected when a reply names them
         self.ids = itertools.count(1)
+        self.arrived: dict[int, dict] = {}  # replies received for requests in flight, not yet asked for
         self.stale_replies = 0  # late replies to abandoned requests, dropped
 
     def __enter__(self) -> "Client":
@@ -81,7 +82,7 @@ class Client:
         for _ in range(MAX_REDIRECTS + 1):
             rid = self.send(op, **fields)
             try:
-                reply = self.receive(time.monotonic() + self.timeout)
+                reply = self.wait_for(rid, time.monotonic() + self.timeout)
             except BaseException:
                 self.abandon(rid)
                 raise
@@ -140,7 +141,6 @@ class Client:
         leaving the loop) abandons the requests still in flight: the daemon still handles them, and
         their replies are dropped when they arrive."""
         in_flight: deque[tuple[int, dict]] = deque()
-        arrived: dict[int, dict] = {}
         requests = iter(requests)
         draining = False  # after a `moved`: nothing new is sent until what is in flight is settled
         try:
@@ -154,12 +154,8 @@ class Client:
                         draining = False
                         continue
                     return
-                deadline = time.monotonic() + self.timeout
-                while in_flight[0][0] not in arrived:
-                    reply = self.receive(deadline)
-                    arrived[reply["id"]] = reply
+                reply = self.wait_for(in_flight[0][0], time.monotonic() + self.timeout)
                 rid, fields = in_flight.popleft()
-                reply = arrived.pop(rid)
                 request = dict(fields)
                 op = request.pop("op")
                 if self.routes.follow(op, request, reply):
@@ -183,8 +179,16 @@ class Client:
         return rid
 
     def abandon(self, rid: int) -> None:
+        self.arrived.pop(rid, None)
         for link in self.links.values():
             link.pending.abandon(rid)
+
+    def wait_for(self, rid: int, deadline: float) -> dict:
+        """The reply to request `rid`; replies to other requests in flight are kept until asked for."""
+        while rid not in self.arrived:
+            reply = self.receive(deadline)
+            self.arrived[reply["id"]] = reply
+        return self.arrived.pop(rid)
 
     def receive(self, deadline: float) -> dict:
         """The next reply to a request still waited for, from any daemon; stale replies are dropped."""

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass, field
 
 
@@ -44,6 +45,8 @@ class ServeConfig:
     weights: tuple[float, ...] | None = None  # primary, extras, n-gram; None: the n-gram 0.25, the RNNs share the rest
     tune_on: str | None = None  # a validation text: the weights are tuned on it by EM at start (as `rnnlm eval`)
     workers: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))  # learner threads; default: the cores
+    fleet: str | None = None  # a fleet file (daemon/fleet.py): serve the domains this member owns, redirect the rest
+    fleet_name: str = field(default_factory=socket.gethostname)  # this member's name in it (a pod's name)
 
     def check(self) -> None:
         """ValueError naming the options that do not go together."""
@@ -54,5 +57,7 @@ class ServeConfig:
                              "give --curve-secret-key and --curve-authorized-dir too")
         if self.guard_margin is not None and not self.shadow_sample:
             raise ValueError("--guard-margin compares against the base model's shadow: give --shadow-sample too")
+        if self.fleet is not None and (not self.fleet_name or any(c.isspace() for c in self.fleet_name)):
+            raise ValueError(f"--fleet-name {self.fleet_name!r}: a member's name is one word, as in the fleet file")
         if self.workers < 1:
             raise ValueError(f"--workers {self.workers}: at least one learner thread")

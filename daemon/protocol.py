@@ -17,6 +17,7 @@ VERSION = 1
 OPS = ("score", "reset", "stats", "save", "ping", "info", "drop_domain")
 DATA_OPS = ("score",)  # the only op accepted on the fire-and-forget PULL socket
 ADMIN_OPS = ("save", "reset", "drop_domain")  # with --curve-admin-dir, only admin keys may send these
+DOMAIN_OPS = ("score", "reset", "drop_domain")  # name a domain: in a fleet, only its owner takes them
 DEFAULT_DOMAIN = "default"
 MAX_NAME = 128  # stream and domain names, in characters
 

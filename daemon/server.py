@@ -39,6 +39,7 @@ from . import protocol
 from . import systemd
 from .auth import CurveServer
 from .config import ServeConfig
+from .fleet import Fleet, FleetError
 from .combination import Combination, Parts, describe_components, same_components, saved_fingerprints
 from .guard import AdaptConfig
 from .learner import Learner, MemoryBudget, token_flags
@@ -103,6 +104,7 @@ class Server:
         self.curve: CurveServer | None = None
         self.watchdog = systemd.Watchdog()  # WatchdogSec=: a wedged loop gets restarted
         self.state = StateStore(config.state_dir, config.keep_checkpoints, self.metrics.checkpointed) if config.state_dir else None
+        self.fleet = Fleet.read(config.fleet) if config.fleet else None  # a bad file stops the start here
 
     @property
     def checkpoint_seq(self) -> int:
@@ -128,6 +130,8 @@ class Server:
         # of the collector's full passes, which otherwise walk it all and pause the loop for
         # hundreds of milliseconds whenever enough new objects (a snapshot's) have piled up.
         gc.freeze()
+        if self.fleet is not None:
+            self.warn_if_not_a_member()
         model = self.learner.model
         components = self.components()
         self.metrics.model_info({
@@ -207,13 +211,38 @@ class Server:
 
     def reload(self) -> None:
         self.reload_requested = False
+        if self.fleet is not None:
+            self.reload_fleet()
         if self.curve is None:
-            log.info("received SIGHUP: nothing to reload (CURVE is off)")
+            if self.fleet is None:
+                log.info("received SIGHUP: nothing to reload (CURVE is off, no --fleet)")
             return
         try:
             self.curve.reload()
         except Exception as err:  # a bad key directory keeps the keys in force
             log.error("received SIGHUP: could not reload the client keys, keeping the ones in force: %s", err)
+
+    def reload_fleet(self) -> None:
+        """Read the fleet file again; a bad one keeps the fleet in force. Messages already taken in
+        are answered by this member; from the next one on, the new owners are named."""
+        try:
+            fleet = Fleet.read(self.config.fleet)
+        except FleetError as err:
+            log.error("received SIGHUP: could not reload the fleet, keeping the one in force: %s", err)
+            return
+        me = self.config.fleet_name
+        known = list(self.learner.domains)
+        gone = [d for d in known if self.fleet.owner(d).name == me and fleet.owner(d).name != me]
+        self.fleet = fleet
+        log.info("received SIGHUP: fleet of %d member(s) (%s); %d of this member's %d domain(s) now belong to others%s",
+                 len(fleet.members), ", ".join(fleet.names()), len(gone), len(known),
+                 f": {', '.join(map(protocol.spelled, gone))}" if gone else "")
+        self.warn_if_not_a_member()
+
+    def warn_if_not_a_member(self) -> None:
+        if self.fleet.member(self.config.fleet_name) is None:
+            log.warning("this daemon (--fleet-name %s) is not in the fleet file %s: it owns no domain and "
+                        "redirects every request", self.config.fleet_name, self.config.fleet)
 
     def main_loop(self) -> None:
         cfg = self.config
@@ -428,6 +457,8 @@ class Server:
             message.rid = protocol.request_id(decoded)
             message.op = decoded.get("op") if decoded.get("op") in protocol.OPS else "unknown"
             message.request = protocol.parse(decoded, self.config.max_tokens)
+            if self.fleet is not None and message.op in protocol.DOMAIN_OPS:
+                self.check_owner(message.request)
             if message.fire_and_forget and message.op not in protocol.DATA_OPS:
                 raise ProtocolError("wrong_socket", f"'{message.op}' is a control op; send it to the request socket")
         except Exception as err:
@@ -445,6 +476,13 @@ class Server:
             return getattr(self, f"op_{message.op}")(message.request), "ok"
         except Exception as err:
             return self.failure(message, err)
+
+    def check_owner(self, request: protocol.Request) -> None:
+        """In a fleet, a domain that another member owns is answered `moved`, naming the owner."""
+        owner = self.fleet.owner(request.domain)
+        if owner.name != self.config.fleet_name:
+            raise ProtocolError("moved", f"domain {protocol.spelled(request.domain)} is served by {owner.name} "
+                                         f"at {owner.endpoint}", owner=owner.name, endpoint=owner.endpoint)
 
     def check_allowed(self, message: Message) -> None:
         if message.op in protocol.ADMIN_OPS and self.curve is not None and not self.curve.is_admin(message.user):
@@ -579,7 +617,8 @@ class Server:
         return protocol.ok(request.id, existed=existed)
 
     def op_stats(self, request: protocol.Request) -> dict:
-        return protocol.ok(request.id, **self.learner.stats(), seconds_since_checkpoint=time.monotonic() - self.last_checkpoint)
+        return protocol.ok(request.id, **self.learner.stats(), seconds_since_checkpoint=time.monotonic() - self.last_checkpoint,
+                           **self.fleet_info())
 
     def op_save(self, request: protocol.Request) -> dict:
         if self.state is None:
@@ -599,7 +638,15 @@ class Server:
         return protocol.ok(request.id, protocol=protocol.VERSION, model=cfg.model or "bundled default",
                            **self.learner.model.describe(), lr=cfg.lr, learning=cfg.learn,
                            max_tokens=cfg.max_tokens, max_message_bytes=cfg.max_message_bytes,
-                           eos="</s>", logprob_base="e", components=self.components())
+                           eos="</s>", logprob_base="e", components=self.components(), **self.fleet_info())
+
+    def fleet_info(self) -> dict:
+        if self.fleet is None:
+            return {}
+        me = self.config.fleet_name
+        return {"fleet": {"member": me,
+                          "members": [{"name": m.name, "endpoint": m.endpoint} for m in self.fleet.members],
+                          "owned_domains": sorted(d for d in self.learner.domains if self.fleet.owner(d).name == me)}}
 
     def components(self) -> list[dict]:
         """The models in every score: name, kind, weight (the primary RNN alone when not mixing)."""
