@@ -104,28 +104,31 @@ def first_lines(corpus: str, lines: int, folder: str) -> Path:
 
 
 def speed(args) -> None:
-    """Training words/s of the first epoch(s), 1 process × 1 thread then R ranks × 1 thread, in one run;
+    """Training words/s of the first epoch(s), 1 process × 1 thread and R ranks × 1 thread, alternating --repeat times;
     a rank's words/s counts its time in merges. With --evaluate, test perplexity of each model after
     those epochs (static / dynamic 0.01). --lines: train on the text's first lines only (quick)."""
     print(f"# speed, {args.corpus}{f', first {args.lines:,} lines' if args.lines else ''}, {args.epochs} epoch(s), "
           f"H=200, 100 classes, BPTT 4; merge {args.merge} every {args.sync_words} words/rank")
-    rates = {}
+    rates: dict[int, list[float]] = {ranks: [] for ranks in (1, *args.ranks)}
     with tempfile.TemporaryDirectory() as tmp:
         train = first_lines(args.corpus, args.lines, tmp) if args.lines else None
-        for ranks in (1, *args.ranks):
-            before = uptime()
-            model = Path(tmp) / "m.pt"
-            extra = ["--max-epochs", str(args.epochs), "--sync-words", str(args.sync_words), "--merge", args.merge]
-            out, seconds, _ = run_measured(train_command(ranks, args.corpus, model, 1, extra, train))
-            summary = json.loads(out)
-            epochs = summary["history"]  # training words/s, validation left out; every epoch has the same words
-            rates[ranks] = len(epochs) / sum(1 / e["train_words_per_sec"] for e in epochs)
-            quality = ""
-            if args.evaluate:
-                quality = (f"; test {evaluate(model, args.corpus, None):.1f} static / "
-                           f"{evaluate(model, args.corpus, 0.01):.1f} dynamic")
-            print(f"{ranks} × 1 thread: {rates[ranks]:9,.0f} words/s ({rates[ranks] / rates[1]:.2f}× one process); "
-                  f"wall {seconds:.1f} s{quality} | before: {before}", flush=True)
+        for _ in range(args.repeat):  # alternate, so a change in the machine's load hits every setting alike
+            for ranks in rates:
+                before = uptime()
+                model = Path(tmp) / "m.pt"
+                extra = ["--max-epochs", str(args.epochs), "--sync-words", str(args.sync_words), "--merge", args.merge]
+                out, seconds, _ = run_measured(train_command(ranks, args.corpus, model, 1, extra, train))
+                epochs = json.loads(out)["history"]  # training words/s, validation left out; every epoch has the same words
+                rates[ranks].append(len(epochs) / sum(1 / e["train_words_per_sec"] for e in epochs))
+                quality = ""
+                if args.evaluate:
+                    quality = (f"; test {evaluate(model, args.corpus, None):.1f} static / "
+                               f"{evaluate(model, args.corpus, 0.01):.1f} dynamic")
+                print(f"{ranks} × 1 thread: {rates[ranks][-1]:9,.0f} words/s; wall {seconds:.1f} s{quality} | before: {before}",
+                      flush=True)
+    median = {ranks: sorted(r)[len(r) // 2] for ranks, r in rates.items()}
+    for ranks, m in median.items():
+        print(f"median of {args.repeat}, {ranks} × 1 thread: {m:9,.0f} words/s ({m / median[1]:.2f}× one process)")
     print(f"| after: {uptime()}")
 
 
@@ -299,6 +302,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--evaluate", action="store_true")
     p.add_argument("--lines", type=int, default=None)
+    p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--merge", default="sparse-sum")
     p.set_defaults(func=speed)
     p = sub.add_parser("quality")

@@ -3,9 +3,8 @@ compiled step (rnnlm/kernels.py) still does all the learning.
 
 Under torchrun (RANK and WORLD_SIZE in the environment) each process, a *rank*, learns from its own
 part of the training text, cut at sentence ends, with its own threads, exactly as one process does
-(rnnlm/train.py). Every `sync_words` words per rank the ranks merge their weights with one
-`all_reduce` over a flat buffer (see WeightMerger), so all ranks hold the same weights, bit for bit,
-after every merge. Validation is counted by all ranks on their parts of the validation text and
+(rnnlm/train.py). Every `sync_words` words per rank the ranks merge their weights with
+`all_reduce` (see WeightMerger), so all ranks hold the same weights, bit for bit, after every merge. Validation is counted by all ranks on their parts of the validation text and
 summed, so every rank takes the same halve/stop/restore decision. Rank 0 writes the model and the
 training checkpoints; on resume it reads the checkpoint and hands it to the others, so only rank 0
 needs the file.
@@ -119,6 +118,8 @@ class WeightMerger:
     def merge_rows(own: np.ndarray, base: np.ndarray, rows: np.ndarray, scale: np.float32,
                    reduce: Callable[[torch.Tensor], None]) -> None:
         """Merge the rows `rows` (changed by some rank; every rank has the same list) of one array."""
+        if not len(rows):  # no rank changed any: every rank skips the all_reduce alike
+            return
         deltas = torch.from_numpy(own[rows] - base[rows])
         reduce(deltas)
         base[rows] += deltas.numpy() * scale
