@@ -4,10 +4,11 @@ compiled step (rnnlm/kernels.py) still does all the learning.
 Under torchrun (RANK and WORLD_SIZE in the environment) each process, a *rank*, learns from its own
 part of the training text, cut at sentence ends, with its own threads, exactly as one process does
 (rnnlm/train.py). Every `sync_words` words per rank the ranks merge their weights with
-`all_reduce` (see WeightMerger), so all ranks hold the same weights, bit for bit, after every merge. Validation is counted by all ranks on their parts of the validation text and
-summed, so every rank takes the same halve/stop/restore decision. Rank 0 writes the model and the
-training checkpoints; on resume it reads the checkpoint and hands it to the others, so only rank 0
-needs the file.
+`all_reduce` (see WeightMerger), so all ranks hold the same weights, bit for bit, after every
+merge. Validation is counted by all ranks on their parts of the validation text and summed, so
+every rank takes the same halve/stop/restore decision. Rank 0 writes the model and the training
+checkpoints; on resume it reads the checkpoint and hands it to the others, so only rank 0 needs
+the file.
 
 Without torchrun's environment, `Launch.from_environment()` is one process and nothing changes.
 """
@@ -56,8 +57,8 @@ def sentence_parts(ids: np.ndarray, eos_id: int, parts: int) -> list[np.ndarray]
 
 
 class WeightMerger:
-    """Brings the ranks' copies of some of the weights (`names`) together by all_reduce: each rank
-    sends its deltas since the last merge (the base), and every rank adds the same result to the base.
+    """Brings the ranks' weights together by all_reduce: each rank sends its deltas since the last
+    merge (the base), and every rank adds the same result to the base.
 
     "sparse-sum" (the default) is the two-thread recipe one level up: W and X, updated at every
     word by every rank, get the mean of the deltas; U, V and D keep every rank's update, base + Σ
@@ -65,16 +66,15 @@ class WeightMerger:
     learns too slowly at the same rate (docs/distributed-training.md).
 
     The arrays in `by_rows` (U: a row per input word) travel as the rows some rank changed since
-    the last merge, a few hundred of 10,000 between frequent merges: one all_reduce of the whole
-    arrays and a flag per row of those, then one of the flagged rows.
+    the last merge, a small part of them between frequent merges: one all_reduce of the other
+    arrays and a flag per row of these, then one of the flagged rows.
     """
 
-    def __init__(self, weights: Weights, world_size: int, rule: str = "sparse-sum",
-                 names: tuple[str, ...] | None = None, by_rows: tuple[str, ...] = ()):
+    def __init__(self, weights: Weights, world_size: int, rule: str = "sparse-sum", by_rows: tuple[str, ...] = ()):
         if rule not in MERGE_RULES:
             raise ValueError(f"merge rule must be one of {', '.join(MERGE_RULES)}, not {rule!r}")
         self.world_size, self.rule = world_size, rule
-        arrays = {n: a for n, a in weights.arrays().items() if names is None or n in names}
+        arrays = weights.arrays()
         self.base = {name: a.copy() for name, a in arrays.items()}
         self.by_rows = tuple(n for n in by_rows if n in arrays)
         shapes = {**{n: a.shape for n, a in arrays.items() if n not in self.by_rows},
