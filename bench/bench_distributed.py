@@ -73,10 +73,11 @@ def rank_peaks(root: int) -> dict[str, int]:
     return found
 
 
-def train_command(ranks: int, corpus: str, out: Path, threads: int, extra: list[str]) -> list[str]:
+def train_command(ranks: int, corpus: str, out: Path, threads: int, extra: list[str],
+                  train: Path | None = None) -> list[str]:
     data = DATA / corpus
     prefix = "ptb." if corpus == "ptb" else ""
-    args = ["train", "--train", str(data / f"{prefix}train.txt"), "--valid", str(data / f"{prefix}valid.txt"),
+    args = ["train", "--train", str(train or data / f"{prefix}train.txt"), "--valid", str(data / f"{prefix}valid.txt"),
             "--out", str(out), "--threads", str(threads), "--json", *extra]
     if ranks == 1:
         return [str(BIN / "python"), "-m", "rnnlm", *args]
@@ -93,27 +94,41 @@ def evaluate(model: Path, corpus: str, dynamic: float | None) -> float:
     return json.loads(out)["perplexity"]
 
 
+def first_lines(corpus: str, lines: int, folder: str) -> Path:
+    prefix = "ptb." if corpus == "ptb" else ""
+    part = Path(folder) / "train-part.txt"
+    with open(DATA / corpus / f"{prefix}train.txt") as whole, open(part, "w") as out:
+        for _, line in zip(range(lines), whole):
+            out.write(line)
+    return part
+
+
 def speed(args) -> None:
-    """Training words/s of the first epoch(s), 1 process × 1 thread then R ranks × 1 thread, in one run;
-    with --evaluate, test perplexity of each model after those epochs (static / dynamic 0.01)."""
-    print(f"# speed, {args.corpus}, {args.epochs} epoch(s), H=200, 100 classes, BPTT 4; sync every "
-          f"{args.sync_words} words/rank")
-    rates = {}
+    """Training words/s of the first epoch(s), 1 process × 1 thread and R ranks × 1 thread, alternating --repeat times;
+    a rank's words/s counts its time in merges. With --evaluate, test perplexity of each model after
+    those epochs (static / dynamic 0.01). --lines: train on the text's first lines only (quick)."""
+    print(f"# speed, {args.corpus}{f', first {args.lines:,} lines' if args.lines else ''}, {args.epochs} epoch(s), "
+          f"H=200, 100 classes, BPTT 4; merge {args.merge} every {args.sync_words} words/rank")
+    rates: dict[int, list[float]] = {ranks: [] for ranks in (1, *args.ranks)}
     with tempfile.TemporaryDirectory() as tmp:
-        for ranks in (1, *args.ranks):
-            before = uptime()
-            model = Path(tmp) / "m.pt"
-            out, seconds, _ = run_measured(train_command(ranks, args.corpus, model, 1,
-                                           ["--max-epochs", str(args.epochs), "--sync-words", str(args.sync_words)]))
-            summary = json.loads(out)
-            epochs = summary["history"]  # training words/s, validation left out; every epoch has the same words
-            rates[ranks] = len(epochs) / sum(1 / e["train_words_per_sec"] for e in epochs)
-            quality = ""
-            if args.evaluate:
-                quality = (f"; test {evaluate(model, args.corpus, None):.1f} static / "
-                           f"{evaluate(model, args.corpus, 0.01):.1f} dynamic")
-            print(f"{ranks} × 1 thread: {rates[ranks]:9,.0f} words/s ({rates[ranks] / rates[1]:.2f}× one process); "
-                  f"wall {seconds:.1f} s{quality} | before: {before}", flush=True)
+        train = first_lines(args.corpus, args.lines, tmp) if args.lines else None
+        for _ in range(args.repeat):  # alternate, so a change in the machine's load hits every setting alike
+            for ranks in rates:
+                before = uptime()
+                model = Path(tmp) / "m.pt"
+                extra = ["--max-epochs", str(args.epochs), "--sync-words", str(args.sync_words), "--merge", args.merge]
+                out, seconds, _ = run_measured(train_command(ranks, args.corpus, model, 1, extra, train))
+                epochs = json.loads(out)["history"]  # training words/s, validation left out; every epoch has the same words
+                rates[ranks].append(len(epochs) / sum(1 / e["train_words_per_sec"] for e in epochs))
+                quality = ""
+                if args.evaluate:
+                    quality = (f"; test {evaluate(model, args.corpus, None):.1f} static / "
+                               f"{evaluate(model, args.corpus, 0.01):.1f} dynamic")
+                print(f"{ranks} × 1 thread: {rates[ranks][-1]:9,.0f} words/s; wall {seconds:.1f} s{quality} | before: {before}",
+                      flush=True)
+    median = {ranks: sorted(r)[len(r) // 2] for ranks, r in rates.items()}
+    for ranks, m in median.items():
+        print(f"median of {args.repeat}, {ranks} × 1 thread: {m:9,.0f} words/s ({m / median[1]:.2f}× one process)")
     print(f"| after: {uptime()}")
 
 
@@ -147,6 +162,7 @@ SIZES = (1 << 20, PTB_FLOATS, 1 << 24, 1 << 26)
 
 def allreduce_rank(args) -> None:
     """One rank: time all_reduce of float32 buffers of each size (median of --repeat)."""
+    import numpy as np
     import torch
     import torch.distributed as dist
     dist.init_process_group("gloo")
@@ -163,21 +179,33 @@ def allreduce_rank(args) -> None:
         if dist.get_rank() == 0:
             print(f"  {floats:>11,} floats ({floats * 4 / 1e6:7.1f} MB): {median * 1e3:8.2f} ms median of {len(times)}, "
                   f"{floats * 4 / median / 1e9:5.2f} GB/s", flush=True)
-    # a whole merge at PTB size: pack the deltas and means, all_reduce, unpack (rnnlm.distributed.WeightMerger)
-    from rnnlm.distributed import WeightMerger, all_reduce_sum
+    # a whole merge at PTB size, as in training: between merges each rank changes W, X, all of V and the
+    # U rows of the words in its next --sync-words of PTB's text; pack, all_reduce, unpack (WeightMerger)
+    from rnnlm.corpus import read_tokens
+    from rnnlm.distributed import SYNC_WORDS, WeightMerger, all_reduce_sum
     from rnnlm.model import Weights
-    weights = Weights.random(10_000, 200, 100, 0.1, seed=0)
-    merger = WeightMerger(weights, dist.get_world_size())
-    times = []
-    for i in range(args.repeat + 2):
-        dist.barrier()
-        start = time.perf_counter()
-        merger.merge(weights, all_reduce_sum)
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    if dist.get_rank() == 0:
-        print(f"  a whole merge of the PTB model (pack, all_reduce, unpack): {sorted(times)[len(times) // 2] * 1e3:.2f} ms "
-              f"median of {len(times)}", flush=True)
+    from rnnlm.vocab import Vocabulary
+    words = read_tokens(str(DATA / "ptb" / "ptb.train.txt"))
+    ids = Vocabulary.build(words, num_classes=100).encode(words)[0]
+    rank, size = dist.get_rank(), dist.get_world_size()
+    for by_rows in ((), ("U",)):
+        weights = Weights.random(10_000, 200, 100, 0.1, seed=0)
+        merger = WeightMerger(weights, size, by_rows=by_rows)
+        times = []
+        for i in range(args.repeat + 2):
+            window = ids[(i * size + rank) * SYNC_WORDS:(i * size + rank + 1) * SYNC_WORDS]
+            weights.U[np.unique(window)] += 1e-4
+            for name in ("V", "W", "X"):
+                getattr(weights, name)[:] += 1e-4
+            dist.barrier()
+            start = time.perf_counter()
+            merger.merge(weights, all_reduce_sum)
+            if i >= 2:
+                times.append(time.perf_counter() - start)
+        if rank == 0:
+            how = "U by changed rows" if by_rows else "whole arrays"
+            print(f"  a merge of the PTB model after {SYNC_WORDS:,} words per rank, {how} (pack, all_reduce, unpack): "
+                  f"{sorted(times)[len(times) // 2] * 1e3:.2f} ms median of {len(times)}", flush=True)
     dist.destroy_process_group()
 
 
@@ -270,15 +298,18 @@ def main() -> None:
     p = sub.add_parser("speed")
     p.add_argument("--corpus", default="ptb")
     p.add_argument("--ranks", type=int, nargs="+", default=[2])
-    p.add_argument("--sync-words", type=int, default=16384)
+    p.add_argument("--sync-words", type=int, default=1024)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--evaluate", action="store_true")
+    p.add_argument("--lines", type=int, default=None)
+    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--merge", default="sparse-sum")
     p.set_defaults(func=speed)
     p = sub.add_parser("quality")
     p.add_argument("--corpus", default="ptb")
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--sync-words", type=int, default=16384)
+    p.add_argument("--sync-words", type=int, default=1024)
     p.add_argument("--merge", default="sparse-sum")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--seed", type=int, default=1)

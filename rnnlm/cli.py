@@ -101,7 +101,7 @@ def main():
 @click.option("--direct-l2", default=0.0, show_default=True, type=click.FloatRange(0), help="L2 of the direct weights (their own; on small data it matters).")
 @click.option("--direct-rate", default=1.0, show_default=True, type=click.FloatRange(0, min_open=True), help="The direct weights learn at this multiple of α (in training and dynamically).")
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(1, 64), help="Hogwild training threads.")
-@click.option("--sync-words", default=16384, show_default=True, type=click.IntRange(1), help="Under torchrun: words per rank between merges of the ranks' weights.")
+@click.option("--sync-words", default=1024, show_default=True, type=click.IntRange(1), help="Under torchrun: words per rank between merges of the ranks' weights.")
 @click.option("--merge", "merge_rule", default="sparse-sum", show_default=True, type=click.Choice(["sparse-sum", "mean"]), help="Under torchrun: average W and X and keep every rank's U and V updates, or average all four.")
 @click.option("--checkpoint", default=None, type=click.Path(dir_okay=False), help="Training checkpoint file, written after every epoch (and every --checkpoint-words).")
 @click.option("--checkpoint-words", default=None, type=click.IntRange(1), help="Also checkpoint inside an epoch, every this many words per process.")

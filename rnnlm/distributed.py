@@ -3,12 +3,12 @@ compiled step (rnnlm/kernels.py) still does all the learning.
 
 Under torchrun (RANK and WORLD_SIZE in the environment) each process, a *rank*, learns from its own
 part of the training text, cut at sentence ends, with its own threads, exactly as one process does
-(rnnlm/train.py). Every `sync_words` words per rank the ranks merge their weights with one
-`all_reduce` over a flat buffer (see WeightMerger), so all ranks hold the same weights, bit for bit,
-after every merge. Validation is counted by all ranks on their parts of the validation text and
-summed, so every rank takes the same halve/stop/restore decision. Rank 0 writes the model and the
-training checkpoints; on resume it reads the checkpoint and hands it to the others, so only rank 0
-needs the file.
+(rnnlm/train.py). Every `sync_words` words per rank the ranks merge their weights with
+`all_reduce` (see WeightMerger), so all ranks hold the same weights, bit for bit, after every
+merge. Validation is counted by all ranks on their parts of the validation text and summed, so
+every rank takes the same halve/stop/restore decision. Rank 0 writes the model and the training
+checkpoints; on resume it reads the checkpoint and hands it to the others, so only rank 0 needs
+the file.
 
 Without torchrun's environment, `Launch.from_environment()` is one process and nothing changes.
 """
@@ -16,6 +16,7 @@ Without torchrun's environment, `Launch.from_environment()` is one process and n
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -34,6 +35,7 @@ from .train import EpochReport, EpochRun, TrainReport, Trainer
 
 SPARSE = ("U", "V", "D")  # a row per word, or hash blocks: each rank touches few of them between merges
 MERGE_RULES = ("sparse-sum", "mean")
+SYNC_WORDS = 1024  # words per rank between merges: chosen by measurement (docs/distributed-training.md)
 TIMEOUT = timedelta(minutes=10)  # a rank that waits this long for the others gives up
 
 
@@ -55,57 +57,78 @@ def sentence_parts(ids: np.ndarray, eos_id: int, parts: int) -> list[np.ndarray]
 
 
 class WeightMerger:
-    """Brings the ranks' weights together with one all_reduce of a flat float32 buffer.
+    """Brings the ranks' weights together by all_reduce: each rank sends its deltas since the last
+    merge (the base), and every rank adds the same result to the base.
 
     "sparse-sum" (the default) is the two-thread recipe one level up: W and X, updated at every
-    word by every rank, are averaged; U and V keep every rank's update, base + Σ (rank's weights -
-    base), base being the weights of the last merge. "mean" averages all four (Kaldi's model
-    averaging), which on PTB learns too slowly at the same rate (docs/distributed-training.md).
+    word by every rank, get the mean of the deltas; U, V and D keep every rank's update, base + Σ
+    (rank's weights - base). "mean" averages all of them (Kaldi's model averaging), which on PTB
+    learns too slowly at the same rate (docs/distributed-training.md).
+
+    The arrays in `by_rows` (U: a row per input word) travel as the rows some rank changed since
+    the last merge, a small part of them between frequent merges: one all_reduce of the other
+    arrays and a flag per row of these, then one of the flagged rows.
     """
 
-    def __init__(self, weights: Weights, world_size: int, rule: str = "sparse-sum"):
+    def __init__(self, weights: Weights, world_size: int, rule: str = "sparse-sum", by_rows: tuple[str, ...] = ()):
         if rule not in MERGE_RULES:
             raise ValueError(f"merge rule must be one of {', '.join(MERGE_RULES)}, not {rule!r}")
         self.world_size, self.rule = world_size, rule
-        self.base = weights.copy() if rule == "sparse-sum" else None
         arrays = weights.arrays()
-        self.flat = torch.empty(sum(a.size for a in arrays.values()), dtype=torch.float32)
-        self.segments = {}
+        self.base = {name: a.copy() for name, a in arrays.items()}
+        self.by_rows = tuple(n for n in by_rows if n in arrays)
+        shapes = {**{n: a.shape for n, a in arrays.items() if n not in self.by_rows},
+                  **{n: (arrays[n].shape[0],) for n in self.by_rows}}
+        self.flat = torch.empty(sum(int(np.prod(shape)) for shape in shapes.values()), dtype=torch.float32)
+        self.segments, self.changed = {}, {}
         offset = 0
-        for name, array in arrays.items():
-            self.segments[name] = self.flat.numpy()[offset:offset + array.size].reshape(array.shape)
-            offset += array.size
+        for name, shape in shapes.items():
+            size = int(np.prod(shape))
+            view = self.flat.numpy()[offset:offset + size].reshape(shape)
+            (self.changed if name in self.by_rows else self.segments)[name] = view
+            offset += size
 
-    def summed(self, name: str) -> bool:
-        return self.rule == "sparse-sum" and name in SPARSE
+    def scale(self, name: str) -> np.float32:
+        """What a merged array gets of the summed deltas: all (summed) or 1/N (averaged)."""
+        summed = self.rule == "sparse-sum" and name in SPARSE
+        return np.float32(1 if summed else 1 / self.world_size)
 
     def pack(self, weights: Weights) -> None:
         for name, segment in self.segments.items():
-            own = getattr(weights, name)
-            if self.summed(name):
-                np.subtract(own, getattr(self.base, name), out=segment)
-            else:
-                np.divide(own, np.float32(self.world_size), out=segment)
+            np.subtract(getattr(weights, name), self.base[name], out=segment)
+        for name, flags in self.changed.items():
+            flags[:] = (getattr(weights, name) != self.base[name]).any(axis=1)
 
     def unpack(self, weights: Weights) -> None:
         for name, segment in self.segments.items():
-            own = getattr(weights, name)
-            if self.summed(name):
-                np.add(getattr(self.base, name), segment, out=own)
-                np.copyto(getattr(self.base, name), own)
-            else:
-                np.copyto(own, segment)
+            own, base = getattr(weights, name), self.base[name]
+            segment *= self.scale(name)
+            np.add(base, segment, out=own)
+            np.copyto(base, own)
 
     def merge(self, weights: Weights, reduce: Callable[[torch.Tensor], None]) -> None:
-        """`reduce` sums the buffer over all ranks in place (dist.all_reduce)."""
+        """`reduce` sums a buffer over all ranks in place (dist.all_reduce)."""
         self.pack(weights)
         reduce(self.flat)
         self.unpack(weights)
+        for name, flags in self.changed.items():
+            self.merge_rows(getattr(weights, name), self.base[name], np.flatnonzero(flags), self.scale(name), reduce)
+
+    @staticmethod
+    def merge_rows(own: np.ndarray, base: np.ndarray, rows: np.ndarray, scale: np.float32,
+                   reduce: Callable[[torch.Tensor], None]) -> None:
+        """Merge the rows `rows` (changed by some rank; every rank has the same list) of one array."""
+        if not len(rows):  # no rank changed any: every rank skips the all_reduce alike
+            return
+        deltas = torch.from_numpy(own[rows] - base[rows])
+        reduce(deltas)
+        base[rows] += deltas.numpy() * scale
+        own[rows] = base[rows]
 
     def reset(self, weights: Weights) -> None:
         """The weights were set from outside (restored, resumed): they are the new base."""
-        if self.base is not None:
-            self.base.assign(weights)
+        for name, base in self.base.items():
+            np.copyto(base, getattr(weights, name))
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> None:
@@ -129,7 +152,7 @@ class DistributedTrainer(Trainer):
                  train_words: list[str], valid_words: list[str], threads: int, **kwargs):
         self.rank, self.world_size, self.sync_words = rank, world_size, sync_words
         super().__init__(model, train_words, valid_words, threads, **kwargs)
-        self.merger = WeightMerger(model.weights, world_size, merge_rule)
+        self.merger = WeightMerger(model.weights, world_size, merge_rule, by_rows=("U",))
         lo, hi = sentence_bounds(np.array([w == EOS for w in valid_words]), world_size)[rank]
         self.valid_words = valid_words[lo:hi]
 
@@ -145,8 +168,10 @@ class DistributedTrainer(Trainer):
         return int(rounds.item())
 
     def between_rounds(self, run: EpochRun) -> None:
+        start = time.perf_counter()
         self.merger.merge(self.model.weights, all_reduce_sum)
         run.weights_changed()
+        run.tally.seconds += time.perf_counter() - start  # a rank's training words/s pays for its merges
 
     def validate(self) -> Tally:
         local = evaluate(self.model, self.valid_words) if self.valid_words else Tally()
@@ -183,7 +208,7 @@ class Launch:
 
     def train(self, model: RNNLM, train_words: list[str], valid_words: list[str], threads: int,
               progress: Callable | None = None, on_epoch: Callable[[EpochReport], None] | None = None, *,
-              sync_words: int = 16384, merge_rule: str = "sparse-sum", checkpoint: str | None = None,
+              sync_words: int = SYNC_WORDS, merge_rule: str = "sparse-sum", checkpoint: str | None = None,
               checkpoint_words: int | None = None, resume: bool = False) -> TrainReport:
         """Train, alone or as this rank; with `checkpoint`, write training checkpoints there (and with
         `resume`, continue from it when it exists)."""

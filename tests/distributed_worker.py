@@ -21,20 +21,21 @@ def merge(out: Path) -> None:
     dist.init_process_group("gloo")
     for rule in MERGE_RULES:
         merge_once(out, rule)
+        merge_once(out, rule, by_rows=("U",))
     dist.destroy_process_group()
 
 
-def merge_once(out: Path, rule: str) -> None:
+def merge_once(out: Path, rule: str, by_rows: tuple = ()) -> None:
     rank, size = dist.get_rank(), dist.get_world_size()
     base = Weights.random(30, 6, 4, 0.1, seed=0)
     weights = base.copy()
-    merger = WeightMerger(weights, size, rule)
+    merger = WeightMerger(weights, size, rule, by_rows=by_rows)
     noise = Weights.random(30, 6, 4, 0.1, seed=100 + rank)
     for name in Weights.NAMES:
         getattr(weights, name)[rank::3] += getattr(noise, name)[rank::3]  # each rank moves some rows
     before = weights.copy()
     merger.merge(weights, all_reduce_sum)
-    np.savez(out / f"{rule}-rank{rank}.npz", **{f"before_{n}": a for n, a in before.arrays().items()},
+    np.savez(out / f"{rule}{'-by-rows' if by_rows else ''}-rank{rank}.npz", **{f"before_{n}": a for n, a in before.arrays().items()},
              **{f"base_{n}": a for n, a in base.arrays().items()}, **weights.arrays())
 
 

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -90,22 +91,38 @@ def test_more_parts_than_sentences_leaves_some_empty_but_loses_nothing():
 
 # --- the merge arithmetic ----------------------------------------------------------------------------
 
-def simulated_merge(rule: str, ranks: int) -> tuple[list[Weights], list[Weights], Weights]:
-    """Each rank moves some rows away from a common base; their buffers are summed as all_reduce does."""
+def summing_group(ranks: int) -> list:
+    """In-process stand-ins for all_reduce, one per rank, each run in its own thread: every rank's
+    tensor becomes the sum of all ranks' tensors."""
+    barrier, slots = threading.Barrier(ranks), [None] * ranks
+
+    def reduce_for(rank):
+        def reduce(tensor):
+            slots[rank] = tensor
+            barrier.wait()
+            total = sum(t.clone() for t in slots)
+            barrier.wait()  # every rank has its sum before any rank overwrites its own tensor
+            tensor.copy_(total)
+        return reduce
+    return [reduce_for(r) for r in range(ranks)]
+
+
+def simulated_merge(rule: str, ranks: int, by_rows: tuple = ()) -> tuple[list[Weights], list[Weights], Weights]:
+    """Each rank moves some rows away from a common base; then all merge at once, as through gloo."""
     base = Weights.random(30, 6, 4, 0.1, seed=0)
     weights = [base.copy() for _ in range(ranks)]
-    mergers = [WeightMerger(w, ranks, rule) for w in weights]
+    mergers = [WeightMerger(w, ranks, rule, by_rows=by_rows) for w in weights]
     for r, w in enumerate(weights):
         noise = Weights.random(30, 6, 4, 0.1, seed=100 + r)
         for name in Weights.NAMES:
-            getattr(w, name)[r::3] += getattr(noise, name)[r::3]
+            getattr(w, name)[r:-2:3] += getattr(noise, name)[r:-2:3]  # the last 2 rows: moved by no rank
     before = [w.copy() for w in weights]
-    for m, w in zip(mergers, weights):
-        m.pack(w)
-    total = sum(m.flat.clone() for m in mergers)
-    for m, w in zip(mergers, weights):
-        m.flat.copy_(total)
-        m.unpack(w)
+    threads = [threading.Thread(target=m.merge, args=(w, reduce)) for m, w, reduce in
+               zip(mergers, weights, summing_group(ranks))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     return before, weights, base
 
 
@@ -121,9 +138,10 @@ def expected_merge(rule: str, before: list[Weights], base: Weights) -> dict[str,
     return want
 
 
+@pytest.mark.parametrize("by_rows", [(), ("U",)])
 @pytest.mark.parametrize("rule", ["sparse-sum", "mean"])
-def test_merging_keeps_every_ranks_sparse_updates_and_averages_the_dense_ones(rule):
-    before, after, base = simulated_merge(rule, ranks=3)
+def test_merging_keeps_every_ranks_sparse_updates_and_averages_the_dense_ones(rule, by_rows):
+    before, after, base = simulated_merge(rule, ranks=3, by_rows=by_rows)
     want = expected_merge(rule, before, base)
     for name in Weights.NAMES:
         for w in after:
@@ -133,6 +151,7 @@ def test_merging_keeps_every_ranks_sparse_updates_and_averages_the_dense_ones(ru
     moved = getattr(before[0], "U")[row] - base.U[row]
     got = after[0].U[row] - base.U[row]
     np.testing.assert_allclose(got, moved if rule == "sparse-sum" else moved / 3, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(after[0].U[-2:], base.U[-2:])  # rows nobody moved stay as they were
 
 
 @pytest.fixture(scope="module")
@@ -142,9 +161,10 @@ def merged_through_gloo(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("rule", ["sparse-sum", "mean"])
+@pytest.mark.parametrize("rule", ["sparse-sum", "mean", "sparse-sum-by-rows", "mean-by-rows"])
 def test_a_merge_through_gloo_gives_every_rank_the_same_bits_and_the_expected_values(merged_through_gloo, rule):
     ranks = [np.load(merged_through_gloo / f"{rule}-rank{r}.npz") for r in range(2)]
+    rule = rule.removesuffix("-by-rows")
     before = [Weights(*(r[f"before_{n}"] for n in Weights.NAMES)) for r in ranks]
     base = Weights(*(ranks[0][f"base_{n}"] for n in Weights.NAMES))
     want = expected_merge(rule, before, base)
