@@ -357,8 +357,8 @@ class Learner:
 
         With `copy`, every array that learning changes is copied, so the payload can be written
         by another thread while this one goes on learning (the base model never changes).
-        Without `domain_weights` and `stream_states`, the domains' weights and the streams' states
-        are left out, for state.Snapshot to copy them later, each before it changes.
+        Without `domain_weights` and `stream_states`, the domains' weights and everything about the
+        streams are left out, for state.Snapshot to copy them later, each before it changes.
 
         With a mixture also: which extra models and n-gram the state belongs to, each domain's
         adapted weights of every extra RNN, each stream's state per extra RNN and n-gram history."""
@@ -370,25 +370,28 @@ class Learner:
                        "skipped": d.skipped, "tally": tally_to_state(d.tally), **({"owner": d.owner} if d.owner else {})}
                 for name, d in self.domains.items()
             },
-            "streams": [
-                {"domain": dom, "stream": name, "tally": tally_to_state(s.tally), **_seq_state(s)}
-                for (dom, name), s in self.streams.items()
-            ],
-            # Row i is streams[i]'s state: a few big tensors instead of four per stream, which
-            # would make the snapshot and the write (one Python call per tensor) take seconds.
             "evicted": dict(self.evicted),
         }
         if stream_states:
+            payload["streams"] = [self.stream_entry(key, s, copy) for key, s in self.streams.items()]
+            # Row i is streams[i]'s state: a few big tensors instead of four per stream, which
+            # would make the snapshot and the write (one Python call per tensor) take seconds.
             payload["stream_states"] = stacked_stream_states([s.state for s in self.streams.values()], self.model.new_state(self.rule))
         if combination is not None:
             payload["components"] = [dict(p) for p in combination.fingerprints]
             for name, d in self.domains.items():
                 payload["domains"][name]["rnn_loss_nats"] = d.rnn_loss
-            for entry, s in zip(payload["streams"], self.streams.values()):
-                entry["extra_states"] = [stream_state_tensors(state, copy) for state in s.extra]
-                if s.history is not None:
-                    entry["ngram_history"] = torch.tensor(combination.saved_history(s.history), dtype=torch.int64)
         return payload
+
+    def stream_entry(self, key: tuple[str, str], stream: Stream, copy: bool) -> dict:
+        """What a checkpoint holds of one stream besides its hidden state: tally, last seq and reply,
+        and with a mixture each extra RNN's state and the n-gram history."""
+        entry = {"domain": key[0], "stream": key[1], "tally": tally_to_state(stream.tally), **_seq_state(stream)}
+        if self.combination is not None:
+            entry["extra_states"] = [stream_state_tensors(state, copy) for state in stream.extra]
+            if stream.history is not None:
+                entry["ngram_history"] = torch.tensor(self.combination.saved_history(stream.history), dtype=torch.int64)
+        return entry
 
     def weights_payload(self, domain: Domain, copy: bool) -> dict:
         """A domain's adapted weights (and with a mixture, each extra RNN's) as a checkpoint holds them."""

@@ -2,10 +2,11 @@
 
 A checkpoint is the learner's state as it stood between two messages (a `Snapshot`), written by
 a background thread (`begin`), so the main loop goes on serving while the bytes go to disk. The
-main thread copies the small and scattered parts at once (counters, tallies, the streams' states
-stacked into a few tensors); the domains' weights (16 MB each at PTB size) are copied by the
-writer, one domain at a time, except that a domain about to learn is copied first by the main
-thread (copy before write), so the file is still that one moment's state. At most one write is in
+main thread copies only the domains' counters and tallies at once; the domains' weights (16 MB
+each at PTB size) and the streams (state, tally, seq: 10,000 of them take tens of milliseconds)
+are copied by the writer, a few at a time, except that a domain and stream about to change are
+copied first by the thread changing them (copy before write), so the file is still that one
+moment's state. At most one write is in
 flight; `write_now` (the `save` op, shutdown) waits for it first.
 
 Writing never stops the daemon. Whatever a write raises (ENOSPC, EROFS, EIO, or torch's
@@ -58,6 +59,7 @@ class Snapshot:
         streams = list(learner.streams.items())  # in the payload's order
         self.streams = {key: (i, stream) for i, (key, stream) in enumerate(streams)}  # not copied yet
         self.states = [None] * len(streams)  # the copies, by row
+        self.entries = [None] * len(streams)  # each stream's tally, seq and mixture parts, by row
         self.lock = threading.Lock()  # held while copying: nothing is changed while it is being copied
         learner.before_learning = self.before_learning
 
@@ -75,7 +77,9 @@ class Snapshot:
     def _copy_stream(self, key: tuple[str, str]) -> None:
         entry = self.streams.pop(key, None)
         if entry is not None:
-            self.states[entry[0]] = entry[1].state.copy()
+            row, stream = entry
+            self.states[row] = stream.state.copy()
+            self.entries[row] = self.learner.stream_entry(key, stream, copy=True)
 
     def complete(self) -> dict:
         """The whole payload (writer thread): copy what is not copied yet, a little at a time."""
@@ -87,12 +91,13 @@ class Snapshot:
             with self.lock:
                 for key in keys[lo:lo + STREAMS_PER_LOCK]:
                     self._copy_stream(key)
+        self.payload["streams"] = self.entries
         self.payload["stream_states"] = stacked_stream_states(self.states, self.learner.model.new_state(self.learner.rule))
         return self.payload
 
     def drop(self) -> None:
         with self.lock:
-            self.payload, self.states, self.domains, self.streams = {}, [], {}, {}
+            self.payload, self.states, self.entries, self.domains, self.streams = {}, [], [], {}, {}
 
     def release(self) -> None:
         if self.learner.before_learning == self.before_learning:
