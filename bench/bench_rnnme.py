@@ -9,8 +9,8 @@ BPTT 4, at most --epochs epochs) and reports validation perplexity, static and d
 training words/s and the size of the model: one row per direct setting SIZE:ORDER:L2[:RATE]
 ("none" = the plain network). `recipe` trains on the whole text (or loads --model) and measures
 the targets on test: static, dynamic, dynamic + KN5 (0.75/0.25, through `rnnlm eval`), the online
-step on one thread, the model file, and the memory of 16 adapted copies. `daemon --model M`
-serves M and reports the daemon's RSS idle and with --domains adapted domains.
+step on one thread, the model file, and the memory of 16 adapted copies. The daemon's RSS with
+adapted domains: `bench/bench_direct_blocks.py daemon --model M`.
 """
 
 from __future__ import annotations
@@ -157,35 +157,9 @@ def recipe(args, data: Path) -> None:
           f"({model.weights.D.nbytes / 2**20:.0f} MB of direct weights in the model, copied block by block)", flush=True)
 
 
-def daemon_domains(args, data: Path) -> None:
-    """RSS of `rnnlm serve --model M` idle, then after a message in each of --domains domains."""
-    import tempfile
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from daemon_process import rss_mb as daemon_rss, start_daemon
-    from rnnlm.clients.client import Client
-
-    work = Path(tempfile.mkdtemp(prefix="bench-rnnme-"))
-    proc, ports = start_daemon(work, ["--model", args.model, "--max-domains", str(args.domains)])
-    try:
-        with Client(ports["endpoint"]) as client:
-            client.score("the market fell", stream="warm", learn=False)
-            time.sleep(1)
-            idle = daemon_rss(proc.pid)
-            for d in range(args.domains):
-                client.score("the market fell as investors sold shares", stream=f"s{d}", domain=f"d{d}")
-            time.sleep(0.5)
-            adapted = daemon_rss(proc.pid)
-        print(f"daemon RSS with {args.model}: idle {idle:.0f} MB; {args.domains} adapted domains {adapted:.0f} MB "
-              f"({(adapted - idle) / args.domains:.1f} MB each)  load {load()}", flush=True)
-    finally:
-        proc.terminate()
-        proc.wait(60)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["ablation", "recipe", "daemon"])
-    parser.add_argument("--domains", type=int, default=16, help="daemon: adapted domains")
+    parser.add_argument("mode", choices=["ablation", "recipe"])
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "ptb"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=1)
@@ -203,7 +177,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "runs" / "bench-rnnme.pt"))
     parser.add_argument("--kn5", default=None, help="recipe: ARPA file (rnnlm ngram build --order 5) to interpolate")
     args = parser.parse_args()
-    {"ablation": ablation, "recipe": recipe, "daemon": daemon_domains}[args.mode](args, Path(args.data))
+    {"ablation": ablation, "recipe": recipe}[args.mode](args, Path(args.data))
 
 
 if __name__ == "__main__":

@@ -231,7 +231,8 @@ class Server:
             log.error("received SIGHUP: could not reload the fleet, keeping the one in force: %s", err)
             return
         me = self.config.fleet_name
-        known = list(self.learner.domains)
+        with self.learner.lock:  # workers may be creating domains
+            known = list(self.learner.domains)
         gone = [d for d in known if self.fleet.owner(d).name == me and fleet.owner(d).name != me]
         self.fleet = fleet
         log.info("received SIGHUP: fleet of %d member(s) (%s); %d of this member's %d domain(s) now belong to others%s",
