@@ -26,7 +26,8 @@ import zmq
 import zmq.asyncio
 
 from .common import (MAX_REDIRECTS, ClientError, DaemonError, EndpointError, PendingReplies, ReplyTimeout, Routes,
-                     StreamNumbers, checked, connected_dealer, decode_reply, encode_request, score_fields)
+                     StreamNumbers, checked, connected_dealer, decode_reply, encode_request, redirect_pause,
+                     score_fields)
 
 __all__ = ["AsyncClient", "ClientError", "DaemonError", "EndpointError", "ReplyTimeout"]
 
@@ -71,7 +72,9 @@ class AsyncClient:
 
     async def request(self, op: str, check: bool = True, **fields) -> dict:
         """Send one request and wait for its reply; a `moved` reply sends it again to the owner."""
-        for _ in range(MAX_REDIRECTS + 1):
+        for redirects in range(MAX_REDIRECTS + 1):
+            if redirects > 1:
+                await asyncio.sleep(redirect_pause(redirects))
             rid, future = await self.send(op, **fields)
             reply = await self.wait(rid, future)
             if not self.routes.follow(op, fields, reply):

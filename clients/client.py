@@ -36,7 +36,8 @@ from typing import Iterable, Iterator
 import zmq
 
 from .common import (MAX_REDIRECTS, VERSION, ClientError, DaemonError, EndpointError, PendingReplies, ReplyTimeout,
-                     Routes, StreamNumbers, checked, connected_dealer, decode_reply, encode_request, score_fields)
+                     Routes, StreamNumbers, checked, connected_dealer, decode_reply, encode_request, redirect_pause,
+                     score_fields)
 
 __all__ = ["Client", "ClientError", "DaemonError", "EndpointError", "ReplyTimeout", "VERSION", "score_fields"]
 
@@ -79,7 +80,8 @@ class Client:
 
     def request(self, op: str, check: bool = True, **fields) -> dict:
         """Send one request and wait for its reply; a `moved` reply sends it again to the owner."""
-        for _ in range(MAX_REDIRECTS + 1):
+        for redirects in range(MAX_REDIRECTS + 1):
+            time.sleep(redirect_pause(redirects))
             rid = self.send(op, **fields)
             try:
                 reply = self.wait_for(rid, time.monotonic() + self.timeout)

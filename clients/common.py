@@ -66,7 +66,14 @@ def score_fields(text: str | None, tokens: list[str] | None, stream: str, domain
 
 # Requests that name a domain; in a fleet they go to the domain's owner (docs/protocol.md, "Fleets").
 DOMAIN_OPS = frozenset({"score", "reset", "drop_domain"})
-MAX_REDIRECTS = 4  # a request is sent at most this many times more after `moved` replies
+MAX_REDIRECTS = 8  # a request is sent at most this many times more after `moved` replies
+
+
+def redirect_pause(redirects: int) -> float:
+    """Seconds to wait before sending a request again after its `redirects`-th `moved` in a row.
+    The first goes at once; more mean members that have not all applied a fleet change yet (each
+    names the other), so later ones back off: 0.05, 0.1, 0.2 ... up to 1 s, about 4 s in all."""
+    return 0.0 if redirects <= 1 else min(0.05 * 2 ** (redirects - 2), 1.0)
 
 
 class Routes:

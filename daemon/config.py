@@ -47,6 +47,8 @@ class ServeConfig:
     workers: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))  # learner threads; default: the cores
     fleet: str | None = None  # a fleet file (daemon/fleet.py): serve the domains this member owns, redirect the rest
     fleet_name: str = field(default_factory=socket.gethostname)  # this member's name in it (a pod's name)
+    fleet_store: str | None = None  # a directory every member mounts: their checkpoints, domains handed over (handoff.py)
+    handoff_wait_seconds: float = 30.0  # for a member that left the fleet to hand over, before recovering its domains
 
     def check(self) -> None:
         """ValueError naming the options that do not go together."""
@@ -59,5 +61,19 @@ class ServeConfig:
             raise ValueError("--guard-margin compares against the base model's shadow: give --shadow-sample too")
         if self.fleet is not None and (not self.fleet_name or any(c.isspace() for c in self.fleet_name)):
             raise ValueError(f"--fleet-name {self.fleet_name!r}: a member's name is one word, as in the fleet file")
+        if self.fleet_store is not None and self.fleet is None:
+            raise ValueError("--fleet-store holds the state of a fleet's members: give --fleet too")
+        if self.fleet_store is not None and self.state_dir is not None:
+            raise ValueError("--fleet-store and --state-dir: in a fleet each member's checkpoints are in "
+                             "FLEET_STORE/NAME, where the other members find them; drop --state-dir")
+        if self.handoff_wait_seconds < 0:
+            raise ValueError(f"--handoff-wait {self.handoff_wait_seconds:g}: a number of seconds, 0 or more")
         if self.workers < 1:
             raise ValueError(f"--workers {self.workers}: at least one learner thread")
+
+    @property
+    def state_directory(self) -> str | None:
+        """Where this daemon's checkpoints go: --state-dir, or in a fleet store its member's folder."""
+        if self.fleet_store is not None:
+            return os.path.join(self.fleet_store, self.fleet_name)
+        return self.state_dir

@@ -51,6 +51,7 @@ class Domain:
     extra: list[Weights] = field(default_factory=list)  # with a mixture: each extra RNN's adapted weights
     rnn_loss: float = 0.0  # with a mixture: -Σ ln P of the primary RNN alone (the tally holds the mixture's)
     owner: str | None = None  # with CURVE: the client key that created it (per-key quotas)
+    moves: int = 0  # times it went from one fleet member to another (handoff.py: a stale copy has fewer)
     last_seen: float = field(default_factory=time.monotonic)  # last message (idle domains expire)
 
 
@@ -365,23 +366,38 @@ class Learner:
         combination = self.combination
         payload = {
             "model": model_payload(self.model),
-            "domains": {
-                name: {**(self.weights_payload(d, copy) if domain_weights else {}), "updates": d.updates,
-                       "skipped": d.skipped, "tally": tally_to_state(d.tally), **({"owner": d.owner} if d.owner else {})}
-                for name, d in self.domains.items()
-            },
+            "domains": {name: self.domain_entry(d, copy, domain_weights) for name, d in self.domains.items()},
             "evicted": dict(self.evicted),
         }
         if stream_states:
-            payload["streams"] = [self.stream_entry(key, s, copy) for key, s in self.streams.items()]
-            # Row i is streams[i]'s state: a few big tensors instead of four per stream, which
-            # would make the snapshot and the write (one Python call per tensor) take seconds.
-            payload["stream_states"] = stacked_stream_states([s.state for s in self.streams.values()], self.model.new_state(self.rule))
+            self._add_streams(payload, list(self.streams), copy)
         if combination is not None:
             payload["components"] = [dict(p) for p in combination.fingerprints]
-            for name, d in self.domains.items():
-                payload["domains"][name]["rnn_loss_nats"] = d.rnn_loss
         return payload
+
+    def part_payload(self, names: list[str]) -> dict:
+        """Some domains and their streams, in the format of `to_payload` less the base model (a fleet's
+        handoff file): `restore` on a learner of the same base model takes them up exactly where they are."""
+        payload = {"domains": {name: self.domain_entry(self.domains[name], True, True) for name in names}}
+        wanted = set(names)
+        self._add_streams(payload, [key for key in self.streams if key[0] in wanted], True)
+        if self.combination is not None:
+            payload["components"] = [dict(p) for p in self.combination.fingerprints]
+        return payload
+
+    def domain_entry(self, d: Domain, copy: bool, weights: bool) -> dict:
+        entry = {**(self.weights_payload(d, copy) if weights else {}), "updates": d.updates, "skipped": d.skipped,
+                 "tally": tally_to_state(d.tally), "moves": d.moves, **({"owner": d.owner} if d.owner else {})}
+        if self.combination is not None:
+            entry["rnn_loss_nats"] = d.rnn_loss
+        return entry
+
+    def _add_streams(self, payload: dict, keys: list[tuple[str, str]], copy: bool) -> None:
+        payload["streams"] = [self.stream_entry(key, self.streams[key], copy) for key in keys]
+        # Row i is streams[i]'s state: a few big tensors instead of four per stream, which
+        # would make the snapshot and the write (one Python call per tensor) take seconds.
+        payload["stream_states"] = stacked_stream_states([self.streams[key].state for key in keys],
+                                                         self.model.new_state(self.rule))
 
     def stream_entry(self, key: tuple[str, str], stream: Stream, copy: bool) -> dict:
         """What a checkpoint holds of one stream besides its hidden state: tally, last seq and reply,
@@ -400,8 +416,9 @@ class Learner:
             entry["extra_weights"] = [weights_to_tensors(w, copy) for w in domain.extra]
         return entry
 
-    def restore(self, payload: dict, where: str) -> None:
-        """Take the domains and streams of a saved state (its base model must be ours).
+    def restore(self, payload: dict, where: str, only: set[str] | None = None) -> None:
+        """Take the domains and streams of a saved state (its base model must be ours); with `only`,
+        those of these domains alone, replacing this learner's copies of them.
 
         Everything is checked before it is used; on any error nothing is taken and CheckpointError
         says what is wrong with the file."""
@@ -410,9 +427,11 @@ class Learner:
         combination = self.combination
         extras = combination.extras if combination is not None else []
         try:
-            if len(payload["domains"]) > self.max_domains:
-                raise CheckpointError(f"{where}: {len(payload['domains'])} domains, more than --max-domains {self.max_domains}")
-            for name, d in payload["domains"].items():
+            wanted = {n: d for n, d in payload["domains"].items() if only is None or n in only}
+            if len(set(self.domains) | set(wanted)) > self.max_domains:
+                raise CheckpointError(f"{where}: {len(wanted)} domains, with the {len(self.domains)} held "
+                                      f"already more than --max-domains {self.max_domains}")
+            for name, d in wanted.items():
                 _check_name(name, "domain", where)
                 weights = _weights_for(self.model, d["weights"], where)
                 updates, skipped = _count(d["updates"], where), _count(d["skipped"], where)
@@ -421,12 +440,15 @@ class Learner:
                 if owner is not None and not isinstance(owner, str):
                     raise CheckpointError(f"{where}: a domain's owner is not a key name")
                 domain.owner = owner
+                domain.moves = _count(d.get("moves", 0), where)
                 if combination is not None:
                     saved = _list_of(d["extra_weights"], len(extras), "extra models' weights", where)
                     domain.extra = [_weights_for(m, w, where) for m, w in zip(extras, saved)]
                     domain.rnn_loss = tally_from_state({"loss_nats": d["rnn_loss_nats"]}, where, ("loss_nats",)).loss_nats
             rows = stream_state_rows(payload.get("stream_states"), len(payload["streams"]), where)
             for i, s in enumerate(payload["streams"]):
+                if only is not None and s.get("domain") not in only:
+                    continue
                 if rows is not None:
                     s = {**s, **{k: rows[k][i] for k in STREAM_STATE_DTYPES}}
                 _check_name(s["domain"], "domain", where)
@@ -442,13 +464,16 @@ class Learner:
                             raise CheckpointError(f"{where}: a stream's n-gram history is not an int64 tensor")
                         stream.history = combination.check_history(ids.numpy(), where)
                 streams[(s["domain"], s["stream"])] = stream
-            evicted = {k: _count(v, where) for k, v in payload.get("evicted", {}).items() if k in self.evicted}
+            saved_evictions = payload.get("evicted", {}) if only is None else {}  # another member's, with `only`
+            evicted = {k: _count(v, where) for k, v in saved_evictions.items() if k in self.evicted}
         except CheckpointError:
             raise
         except Exception as err:  # any field of the wrong kind or shape: a damaged file, never a crash
             raise CheckpointError(f"{where}: damaged daemon state ({type(err).__name__}: {err})") from None
         while len(streams) > self.max_streams:  # a smaller --max-streams than the saved state had
             streams.popitem(last=False)
+        for name in domains:
+            self.drop_domain(name)  # a stale copy and its streams, replaced whole
         self.domains.update(domains)
         self.streams.update(streams)
         self.evicted.update(evicted)

@@ -118,6 +118,19 @@ class Metrics:
         self.sampled_tokens = Counter(f"{PREFIX}_sampled_tokens", "Tokens in the shadow's sample (adapted side).",
                                       ["domain"], registry=r)
         self.rollbacks = Counter(f"{PREFIX}_rollbacks", "Domains rolled back by the adaptation guard.", ["domain"], registry=r)
+        # a fleet (fleet.py, handoff.py)
+        self.fleet_members = Gauge(f"{PREFIX}_fleet_members", "Members named in the fleet file in force.", registry=r)
+        self.fleet_owned = Gauge(f"{PREFIX}_fleet_owned_domains", "Domains this member owns and holds.", registry=r)
+        self.fleet_info = Gauge(f"{PREFIX}_fleet_info", "1, labelled with this member's name and the fleet "
+                                "generation (a hash of the member names) in force.", ["member", "generation"], registry=r)
+        self.handoffs = Counter(f"{PREFIX}_handoffs", "Domains handed over: given away, taken from a handoff file, or "
+                                "recovered from the last checkpoint of a member that left without handing over.",
+                                ["direction"], registry=r)
+        self.handoff_wait = Histogram(f"{PREFIX}_handoff_wait_seconds", "How long a message of a domain moving to "
+                                      "this member waited for the domain's state.",
+                                      buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=r)
+        self.awaiting_handoff = Gauge(f"{PREFIX}_fleet_awaiting_handoff", "1 while a fleet change is not settled: "
+                                      "messages of domains this member lacks wait.", registry=r)
 
     def model_info(self, fields: dict) -> None:
         self.info.info({k: label_value(v) for k, v in fields.items()})
@@ -143,6 +156,25 @@ class Metrics:
             self.child(metric, domain)
         for outcome in ("applied", "skipped"):
             self.child(self.updates, domain, outcome)
+
+    def domain_gone(self, domain: str) -> None:
+        """Remove a domain's series: it was handed to another member of the fleet, whose series
+        for it are then the only ones (sums over the fleet do not count it twice)."""
+        self.domains_seen.discard(domain)
+        per_domain = {id(m): m for m in self.per_domain_metrics()}
+        for metric_id, labels in list(self._children):
+            if metric_id in per_domain and labels[:1] == (domain,):
+                per_domain[metric_id].remove(*labels)
+                del self._children[(metric_id, labels)]
+
+    def per_domain_metrics(self) -> list:
+        return [self.loss, self.rnn_loss, self.tokens, self.oov, self.rare, self.perplexity, self.updates,
+                self.base_loss, self.base_tokens, self.sampled_loss, self.sampled_tokens, self.rollbacks]
+
+    def fleet(self, member: str, generation: str, members: int) -> None:
+        self.fleet_info.clear()
+        self.fleet_info.labels(member, generation).set(1)
+        self.fleet_members.set(members)
 
     def child(self, metric, *labels):
         """`metric.labels(*labels)`, remembered: labels() takes a lock and validates every call,

@@ -40,12 +40,13 @@ from . import systemd
 from .auth import CurveServer
 from .config import ServeConfig
 from .fleet import Fleet, FleetError
+from .handoff import Handoffs, model_fingerprint
 from .combination import Combination, Parts, describe_components, same_components, saved_fingerprints
 from .guard import AdaptConfig
-from .learner import Learner, MemoryBudget, token_flags
+from .learner import Learner, MemoryBudget, base_model_of, token_flags
 from .metrics import Metrics
 from .protocol import ProtocolError
-from .state import CheckpointWriteError, StateStore
+from .state import CheckpointWriteError, StateStore, reason_of
 from .workers import Workers
 
 log = logging.getLogger("rnnlm.daemon")
@@ -59,6 +60,8 @@ TURN_SECONDS = 0.25
 # systemd's watchdog, which then restarts the daemon (a run is bounded by RUN_TOKENS or --max-tokens).
 WORKER_STUCK_SECONDS = 10.0
 LOOKAHEAD = 64  # messages looked through for more of a run's stream, past other domains' messages
+HANDOFF_LOOK_SECONDS = 0.05  # ...and the handoff folder, while a change is not settled
+FLEET_LOOK_SECONDS = 2.0  # how often the fleet file is looked at for a change (a ConfigMap is swapped in place)
 NO_DOMAIN = "_none"  # the domain label of `learn: false` scores against a domain that does not exist
 
 
@@ -76,6 +79,7 @@ class Message:
     parsed: float = 0.0  # seconds spent parsing
     user: str | None = None  # with CURVE: the client's public key (Z85)
     outcome: tuple[dict, str, float] | None = None  # reply, outcome, seconds: ready, waiting for its turn
+    waiting_since: float | None = None  # when it began waiting for its domain to be handed over (fleets)
 
     @property
     def peer(self) -> bytes | None:
@@ -103,8 +107,14 @@ class Server:
         self.exit_code = 0
         self.curve: CurveServer | None = None
         self.watchdog = systemd.Watchdog()  # WatchdogSec=: a wedged loop gets restarted
-        self.state = StateStore(config.state_dir, config.keep_checkpoints, self.metrics.checkpointed) if config.state_dir else None
+        state_dir = config.state_directory
+        self.state = StateStore(state_dir, config.keep_checkpoints, self.metrics.checkpointed) if state_dir else None
         self.fleet = Fleet.read(config.fleet) if config.fleet else None  # a bad file stops the start here
+        self.fleet_text = fleet_file_text(config.fleet)
+        self.next_fleet_look = 0.0  # when to look at the fleet file and the handoff folder again
+        self.handoffs = (Handoffs(config.fleet_store, config.fleet_name, config.handoff_wait_seconds)
+                         if config.fleet_store else None)
+        self.giving: set[str] = set()  # domains to hand over once no message of theirs is in hand or in flight
 
     @property
     def checkpoint_seq(self) -> int:
@@ -132,6 +142,9 @@ class Server:
         gc.freeze()
         if self.fleet is not None:
             self.warn_if_not_a_member()
+        if self.handoffs is not None:
+            self.handoffs.base = model_fingerprint(self.learner.model)
+            self.fleet_changed(None)
         model = self.learner.model
         components = self.components()
         self.metrics.model_info({
@@ -224,7 +237,9 @@ class Server:
 
     def reload_fleet(self) -> None:
         """Read the fleet file again; a bad one keeps the fleet in force. Messages already taken in
-        are answered by this member; from the next one on, the new owners are named."""
+        are answered by this member; from the next one on, the new owners are named. With a fleet
+        store, the domains this member no longer owns are then handed over (`fleet_turn`)."""
+        self.fleet_text = fleet_file_text(self.config.fleet)
         try:
             fleet = Fleet.read(self.config.fleet)
         except FleetError as err:
@@ -234,11 +249,13 @@ class Server:
         with self.learner.lock:  # workers may be creating domains
             known = list(self.learner.domains)
         gone = [d for d in known if self.fleet.owner(d).name == me and fleet.owner(d).name != me]
-        self.fleet = fleet
-        log.info("received SIGHUP: fleet of %d member(s) (%s); %d of this member's %d domain(s) now belong to others%s",
+        before, self.fleet = self.fleet, fleet
+        log.info("fleet of %d member(s) (%s); %d of this member's %d domain(s) now belong to others%s",
                  len(fleet.members), ", ".join(fleet.names()), len(gone), len(known),
                  f": {', '.join(map(protocol.spelled, gone))}" if gone else "")
         self.warn_if_not_a_member()
+        if self.handoffs is not None:
+            self.fleet_changed(before)
 
     def warn_if_not_a_member(self) -> None:
         if self.fleet.member(self.config.fleet_name) is None:
@@ -259,6 +276,8 @@ class Server:
             self.receive()
             self.collect()
             self.maybe_checkpoint()
+            if self.fleet is not None:
+                self.fleet_turn()
             if time.monotonic() >= next_sweep:
                 self.sweep_due = True
             if self.sweep_due and not self.workers.runs_in_flight:
@@ -281,14 +300,22 @@ class Server:
         systemd.notify("STOPPING=1")
         # Answer what has already arrived, then stop.
         self.receive()
+        handoff_deadline = time.monotonic() + self.config.handoff_wait_seconds
         while self.in_hand or self.workers.runs_in_flight:
             self.handle_in_hand(TURN_SECONDS)
             if self.workers.runs_in_flight:
                 self.workers.wait(TURN_SECONDS)
             self.collect()
             self.ping_watchdog()
+            if self.handoffs is not None and self.in_hand:  # messages waiting for a domain to be handed over
+                self.fleet_turn()
+                if not self.workers.runs_in_flight and time.monotonic() > handoff_deadline:
+                    self.refuse_in_hand()
+                time.sleep(0.01)
         self.workers.stop()
         try:
+            if self.handoffs is not None:
+                self.leave_fleet()
             if self.state is not None:
                 self.write_checkpoint("shutdown")
         except CheckpointWriteError:
@@ -361,7 +388,7 @@ class Server:
                 self.handle_here(message)
                 continue
             domain = message.request.domain
-            if domain in held or not workers.has_room(domain):
+            if domain in held or not workers.has_room(domain) or self.must_wait(message):
                 held.add(domain)
                 waiting.append(message)
                 continue
@@ -370,6 +397,8 @@ class Server:
             started = time.perf_counter()
             for m in run:
                 self.metrics.queue_wait.observe(started - m.start)
+                if m.waiting_since is not None:
+                    self.metrics.handoff_wait.observe(started - m.waiting_since)
             self.tokens_in_flight += tokens
             workers.hand(domain, run, tokens)
         self.in_hand.extendleft(reversed(waiting))
@@ -474,6 +503,9 @@ class Server:
             return message.failure
         try:
             self.check_allowed(message)
+            if message.op in protocol.DOMAIN_OPS and self.must_wait(message):
+                raise ProtocolError("handoff", f"domain {protocol.spelled(message.request.domain)} is being handed "
+                                               "over to this member; send this again in a moment")
             return getattr(self, f"op_{message.op}")(message.request), "ok"
         except Exception as err:
             return self.failure(message, err)
@@ -675,6 +707,166 @@ class Server:
         self.changed_since_checkpoint = True
         self.metrics.domains_expired.inc(len(idle))
 
+    # --- a fleet's handoffs (handoff.py) --------------------------------------------------------
+
+    def fleet_changed(self, before: Fleet | None) -> None:
+        """A fleet is in force (at start, or a new one): hand over the domains this member no longer
+        owns, and hold the messages of domains it owns but lacks until the change is settled."""
+        self.handoffs.apply(before, self.fleet)
+        me = self.config.fleet_name
+        with self.learner.lock:
+            self.giving = {d for d in self.learner.domains if self.fleet.owner(d).name != me}
+        self.metrics.fleet(me, self.handoffs.generation, len(self.fleet.members))
+        self.next_fleet_look = 0.0
+
+    def fleet_turn(self) -> None:
+        """Once a loop turn: reload a changed fleet file; hand over, take up and settle domains."""
+        now = time.monotonic()
+        h = self.handoffs
+        if now >= self.next_fleet_look:
+            self.next_fleet_look = now + (FLEET_LOOK_SECONDS if h is None or h.settled else HANDOFF_LOOK_SECONDS)
+            if fleet_file_text(self.config.fleet) != self.fleet_text:
+                log.info("the fleet file %s changed", self.config.fleet)
+                self.reload_fleet()
+            if h is not None:
+                self.take_handoffs()
+        if h is None:
+            return
+        if self.giving and not self.workers.runs_in_flight and not any(
+                m.request is not None and m.request.domain in self.giving for m in self.in_hand):
+            self.give_away(sorted(self.giving))
+        if not self.giving and not h.announced:
+            h.applied()
+        if not h.settled and h.announced:
+            h.settle(self.fleet, self.recover_from)
+        self.forget_taken_files()
+        self.metrics.awaiting_handoff.set(0 if h.settled else 1)
+        with self.learner.lock:
+            self.metrics.fleet_owned.set(len(self.learner.domains))
+
+    def must_wait(self, message: Message) -> bool:
+        """Whether a message waits for its domain: owned here, not held, a fleet change unsettled."""
+        h = self.handoffs
+        if h is None or h.settled or message.request.domain in self.learner.domains:
+            return False
+        if message.waiting_since is None:
+            message.waiting_since = time.perf_counter()
+        return True
+
+    def give_away(self, domains: list[str], fleet: Fleet | None = None) -> None:
+        """Hand these domains over: a handoff file each, then forget them (and their series)."""
+        fleet = fleet or self.fleet
+        for name in domains:
+            if name in self.learner.domains:
+                to = fleet.owner(name).name
+                started = time.perf_counter()
+                try:
+                    path = self.handoffs.give(self.learner, name, to)
+                except Exception as err:  # a full disk: the domain stays here, tried again next turn
+                    log.error("cannot hand domain %r over to %s: %s; keeping it and trying again", name, to,
+                              reason_of(err))
+                    return
+                with self.learner.lock:
+                    self.learner.drop_domain(name)
+                self.workers.unassign(name)
+                self.metrics.domain_gone(name)
+                if path is not None:
+                    self.metrics.handoffs.labels("given").inc()
+                    log.info("domain %r handed over to %s in %.0f ms (%s)", name, to,
+                             1000 * (time.perf_counter() - started), path.name)
+            self.giving.discard(name)
+        self.changed_since_checkpoint = True
+
+    def take_handoffs(self) -> None:
+        """Take up the handed-over domains this member owns (a stale copy is deleted instead)."""
+        h = self.handoffs
+        for name, files in h.to_take(self.learner, self.fleet).items():
+            held = self.learner.domains.get(name)
+            if held is not None and held.moves >= files[0].moves:
+                h.discard(files)
+                continue
+            if held is not None and self.workers.runs_in_flight:
+                continue  # a copy in use is replaced between messages
+            started = time.perf_counter()
+            try:
+                payload = h.read(files[0])
+                self.check_components(payload, str(files[0].path))
+                with self.learner.lock:
+                    self.learner.restore(payload, str(files[0].path), only={name})
+            except Exception as err:
+                log.error("cannot take domain %r over: %s", name, reason_of(err, files[0].path))
+                continue
+            h.took(name, files, self.checkpoint_seq)
+            self.domain_arrived(name, "taken")
+            log.info("domain %r taken over from %s in %.0f ms", name, payload.get("from"),
+                     1000 * (time.perf_counter() - started))
+
+    def recover_from(self, member: str) -> None:
+        """The domains this member owns, from the newest checkpoint of a member that left unannounced."""
+        found = self.handoffs.newest_checkpoint(member)
+        if found is None:
+            log.warning("member %s left no checkpoint to recover domains from", member)
+            return
+        payload, path = found
+        me = self.config.fleet_name
+        mine = set()
+        for name, entry in payload.get("domains", {}).items():
+            held = self.learner.domains.get(name)
+            moves = entry.get("moves", 0) if isinstance(entry, dict) else 0
+            if isinstance(name, str) and self.fleet.owner(name).name == me and (held is None or held.moves < moves):
+                mine.add(name)
+        if not mine:
+            return
+        try:
+            if not same_model(base_model_of(payload, str(path)), self.learner.model):
+                raise CheckpointError(f"{path}: adapted from another base model than this member's")
+            self.check_components(payload, str(path))
+            with self.learner.lock:
+                self.learner.restore(payload, str(path), only=mine)
+        except Exception as err:
+            log.error("cannot recover domains from %s: %s", member, reason_of(err, path))
+            return
+        for name in sorted(mine):
+            self.domain_arrived(name, "recovered")
+        log.info("recovered %d domain(s) of %s from %s: %s", len(mine), member, path, ", ".join(map(repr, sorted(mine))))
+
+    def domain_arrived(self, name: str, how: str) -> None:
+        self.metrics.handoffs.labels(how).inc()
+        self.note_domain(name)
+        self.changed_since_checkpoint = True
+
+    def check_components(self, payload: dict, where: str) -> None:
+        ours = self.learner.combination.fingerprints if self.learner.combination is not None else []
+        saved = saved_fingerprints(payload, where)
+        if not same_components(saved, ours):
+            raise CheckpointError(f"{where}: adapted with {describe_components(saved)}, but this member combines "
+                                  f"{describe_components(ours)}")
+
+    def forget_taken_files(self) -> None:
+        last = self.state.last_path if self.state is not None else None
+        if self.handoffs.taken and last is not None:
+            self.handoffs.checkpointed(int(last.stem.split("-")[-1]), lambda name: name in self.learner.domains)
+
+    def leave_fleet(self) -> None:
+        """Stopping: hand every domain to its owner in the fleet without this member, so the others
+        take them up at once when the fleet file drops it (or this member takes them back at restart)."""
+        others = tuple(m for m in self.fleet.members if m.name != self.config.fleet_name)
+        if not others or not self.learner.domains:
+            return
+        without_me = Fleet(others)
+        self.give_away(sorted(self.learner.domains), without_me)
+        if not self.learner.domains:
+            self.handoffs.apply(self.fleet, without_me)
+            self.handoffs.applied()
+
+    def refuse_in_hand(self) -> None:
+        """Stopping with messages still waiting for a handoff that did not come: each gets an error."""
+        while self.in_hand:
+            message = self.in_hand.popleft()
+            err = ProtocolError("unavailable", "this member is stopping before the domain was handed over to it; "
+                                               "send this again (to the domain's owner)")
+            self.deliver(message, *self.failure(message, err), 0.0)
+
     # --- state ---------------------------------------------------------------------------------
 
     def load_learner(self) -> Learner:
@@ -801,6 +993,13 @@ class Server:
             self.metrics.evicted.labels("lru").inc(lru - self.lru_evictions_reported)
             self.metrics.limits.labels("streams").inc(lru - self.lru_evictions_reported)
             self.lru_evictions_reported = lru
+
+
+def fleet_file_text(path: str | None) -> str | None:
+    try:
+        return Path(path).read_text() if path else None
+    except (OSError, UnicodeDecodeError):
+        return None  # looked at again later; a reload says why it cannot be read
 
 
 def same_model(a, b) -> bool:

@@ -364,6 +364,8 @@ def evaluate_static_parallel(model: RNNLM, lines: list[str], threads: int) -> Ta
 @click.option("--workers", default=None, type=click.IntRange(1), help="Learner threads; domains are spread over them and learn in parallel, each in its own arrival order (default: the number of cores).")
 @click.option("--fleet", default=None, type=click.Path(dir_okay=False), help="A fleet file (lines of NAME ENDPOINT): this daemon serves the domains it owns by rendezvous hashing and answers `moved` with the owner for the others. SIGHUP rereads it.")
 @click.option("--fleet-name", default=None, help="This daemon's name in the --fleet file (default: the host name, which is the pod's name in a StatefulSet).")
+@click.option("--fleet-store", default=None, type=click.Path(file_okay=False), help="A directory every member of the --fleet mounts (on Kubernetes a ReadWriteMany volume): each member keeps its checkpoints in FLEET_STORE/NAME, and a domain whose owner changes is handed over through it with nothing lost (docs/daemon.md, Fleets). Replaces --state-dir.")
+@click.option("--handoff-wait", "handoff_wait_seconds", default=ServeConfig.handoff_wait_seconds, show_default=True, type=click.FloatRange(0), help="Seconds to wait for a member that left the fleet to hand its domains over before taking them from its last checkpoint (it was killed).")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
 @friendly_errors
 def serve(model_file, bind, pull_bind, metrics_addr, state_dir, port_file, lr, no_learn, checkpoint_tokens,
@@ -371,7 +373,7 @@ def serve(model_file, bind, pull_bind, metrics_addr, state_dir, port_file, lr, n
           max_message_bytes, max_pending, curve_secret_key, curve_authorized_dir, curve_admin_dir, max_domains_per_key,
           max_memory_mb, domain_idle_seconds, decay_to_base, shadow_sample,
           guard_margin, guard_window, extra_models, ngram_file, ngram_weight, weights_text, tune_file, workers, fleet,
-          fleet_name, log_level):
+          fleet_name, fleet_store, handoff_wait_seconds, log_level):
     """Run the daemon: score text streamed over ZeroMQ and keep learning from it.
 
     Every word is scored with the current weights, then the network takes one SGD step on it at
@@ -397,7 +399,8 @@ def serve(model_file, bind, pull_bind, metrics_addr, state_dir, port_file, lr, n
                          domain_idle_seconds=domain_idle_seconds, max_memory_mb=max_memory_mb,
                          decay_to_base=decay_to_base, shadow_sample=shadow_sample, guard_margin=guard_margin,
                          guard_window=guard_window, extra_models=tuple(extra_models), ngram=ngram_file,
-                         tune_on=tune_file, fleet=fleet, **({"workers": workers} if workers is not None else {}),
+                         tune_on=tune_file, fleet=fleet, fleet_store=fleet_store,
+                         handoff_wait_seconds=handoff_wait_seconds, **({"workers": workers} if workers is not None else {}),
                          **({"fleet_name": fleet_name} if fleet_name is not None else {}))
     try:
         config.check()
