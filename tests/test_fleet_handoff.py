@@ -186,3 +186,32 @@ def test_join_leave_and_kill_lose_nothing_and_apply_nothing_twice(tmp_path, mode
     finally:
         for daemon in members.values():
             daemon.stop(signal.SIGKILL if daemon.proc.poll() is None else signal.SIGTERM)
+
+
+def test_a_member_restarted_takes_back_what_it_handed_over_when_stopping(tmp_path, model_path):
+    """A pod's restart (a rolling update): SIGTERM hands its domains over through the store; the
+    fleet has not changed, so the member itself owns them again when it comes back."""
+    store, fleet_file = tmp_path / "store", tmp_path / "fleet.txt"
+    fleet_file.write_text(fleet_text(tmp_path, ["alpha", "beta"]))
+    requests = [{"op": "score", "domain": d, "stream": "s", "text": LINES[i % len(LINES)]}
+                for i in range(40) for d in DOMAINS]
+    half = len(requests) // 2
+    members = {name: member(tmp_path, store, fleet_file, model_path, name) for name in ("alpha", "beta")}
+    try:
+        with Client(members["alpha"].endpoint) as c:
+            got = list(c.pipeline(requests[:half]))
+        assert members["beta"].stop(signal.SIGTERM) == 0
+        assert len(list((store / "handoff").glob("*.pt"))) == len(moved(["alpha"], ["alpha", "beta"]))
+        members["beta"] = member(tmp_path, store, fleet_file, model_path, "beta")
+        with Client(members["alpha"].endpoint) as c:
+            got += list(c.pipeline(requests[half:]))
+        assert members["beta"].metric("rnnlm_handoffs_total", direction="taken") == len(moved(["alpha"], ["alpha", "beta"]))
+    finally:
+        for daemon in members.values():
+            daemon.stop()
+    with Daemon(tmp_path, model_path, "--max-domains", "64") as single:
+        with Client(single.endpoint) as c:
+            want = list(c.pipeline(requests))
+        single.stop()
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert (g["logprobs"], g["updates"]) == (w["logprobs"], w["updates"]), i
