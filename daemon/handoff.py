@@ -158,6 +158,7 @@ class Handoffs:
         """Write one domain and its streams to a handoff file (rule 1); None when a newer copy is there."""
         moves = learner.domains[domain].moves + 1
         key = domain_key(domain)
+        self.taken.pop(domain, None)  # the files it came in are older: its next owner deletes them
         if any(f.key == key and f.moves >= moves for f in self.files()):
             log.info("not giving domain %r (%d moves): a newer copy is in the store already", domain, moves - 1)
             return None
@@ -189,7 +190,7 @@ class Handoffs:
         by_domain: dict[str, list[HandoffFile]] = {}
         for file in self.files():
             name = self.name_of(file)
-            if name is None or name in self.taken or fleet.owner(name).name != self.me:
+            if name is None or file.path in self.taken.get(name, ([], 0))[0] or fleet.owner(name).name != self.me:
                 continue
             by_domain.setdefault(name, []).append(file)
         for files in by_domain.values():

@@ -105,3 +105,23 @@ def test_a_change_settles_when_every_member_applied_it_or_left_and_was_recovered
     assert (tmp_path / "done" / "beta").read_text().strip() == generation(FLEET)
     assert stores["alpha"].settle(FLEET, recovered.append)
     assert recovered == ["gamma"]  # once
+
+
+def test_a_domain_goes_back_and_forth_before_any_checkpoint(tmp_path, model_path):
+    learners = {"alpha": learner_of(model_path), "beta": learner_of(model_path)}
+    alone = learner_of(model_path)
+    stores = members(tmp_path, alone.model)
+    for i in range(4):
+        score(learners["alpha"], "news", i)
+        score(alone, "news", i)
+    for move in range(4):
+        giver, taker = ("alpha", "beta") if move % 2 == 0 else ("beta", "alpha")
+        stores[giver].give(learners[giver], "news", taker)
+        learners[giver].drop_domain("news")
+        files = stores[taker].to_take(learners[taker], Fleet.parse(f"{taker} ipc:///x\n"))["news"]
+        learners[taker].restore(stores[taker].read(files[0]), "handoff", only={"news"})
+        stores[taker].took("news", files, checkpoint_seq=0)  # no checkpoint in between
+        score(learners[taker], "news", 4 + move)
+        score(alone, "news", 4 + move)
+    assert learners["alpha"].domains["news"].moves == 4
+    assert learners["alpha"].domains["news"].updates == alone.domains["news"].updates
