@@ -34,9 +34,18 @@ from rnnlm.vocab import OOV, RARE_WORD
 
 from .combination import Combination
 from .guard import FROZEN, AdaptConfig, Adaptation, GuardState, Sample
-from .protocol import MAX_NAME, ProtocolError, Request
+from .protocol import MAX_NAME, Request
 
 STATE_FORMAT = "rnnlm-daemon-state"
+
+
+class NoRoom(Exception):
+    """A new domain would pass one of the learner's bounds; `code` names which (too_many_domains,
+    memory_budget): the server answers with it."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass
@@ -152,14 +161,14 @@ class Learner:
         domain = self.domains.get(name)
         if domain is None:
             if len(self.domains) >= self.max_domains:
-                raise ProtocolError("too_many_domains", f"at most {self.max_domains} domains; '{name}' would be one more")
+                raise NoRoom("too_many_domains", f"at most {self.max_domains} domains; '{name}' would be one more")
             if self.budget is not None and not self.budget.room_for(len(self.domains) + 1, len(self.streams)):
-                raise ProtocolError("memory_budget", f"no room for another domain within --max-memory-mb "
+                raise NoRoom("memory_budget", f"no room for another domain within --max-memory-mb "
                                                      f"{self.budget.limit_mb:.0f} ({self.budget.describe()})")
             if owner is not None and self.max_domains_per_key is not None:
                 owned = sum(d.owner == owner for d in self.domains.values())
                 if owned >= self.max_domains_per_key:
-                    raise ProtocolError("too_many_domains", f"this client key made {owned} domains already, the most "
+                    raise NoRoom("too_many_domains", f"this client key made {owned} domains already, the most "
                                                             f"one key may make (--max-domains-per-key)")
             domain = self.domains[name] = Domain(self.model.weights.adapted_copy(), owner=owner)
             if self.combination is not None:

@@ -43,7 +43,7 @@ from .fleet import Fleet, FleetError
 from .handoff import Handoffs, model_fingerprint
 from .combination import Combination, Parts, describe_components, same_components, saved_fingerprints
 from .guard import AdaptConfig
-from .learner import Learner, MemoryBudget, base_model_of, token_flags
+from .learner import Learner, MemoryBudget, NoRoom, base_model_of, token_flags
 from .metrics import Metrics
 from .protocol import ProtocolError
 from .state import CheckpointWriteError, StateStore, reason_of
@@ -543,6 +543,8 @@ class Server:
                  for m, (reply, outcome), n in zip(run, outcomes, tokens)], scored)
 
     def failure(self, message: Message, err: Exception) -> tuple[dict, str]:
+        if isinstance(err, NoRoom):  # the learner's bounds, in the protocol's words
+            err = ProtocolError(err.code, str(err))
         if isinstance(err, ProtocolError):
             if err.code in protocol.LIMIT_OF_CODE:
                 self.metrics.limits.labels(protocol.LIMIT_OF_CODE[err.code]).inc()

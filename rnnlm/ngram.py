@@ -41,6 +41,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from .atomic import atomic_file
+from .evaluate import Tally
 
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 LN10 = math.log(10.0)
@@ -245,31 +246,21 @@ def _pack_rows(ids: np.ndarray, base: int) -> list[int]:
 
 
 @dataclass
-class CorpusScore:
-    """Totals of scoring a corpus: `words` counts every scored token, `</s>` included.
+class CorpusScore(Tally):
+    """Totals of scoring a corpus (a Tally: perplexity and entropy follow from the same rule as the
+    RNN's): `words` counts every scored token, `</s>` included.
 
     OOV tokens (words not in the model's vocabulary) are counted in `oov`. With a `<unk>` entry
-    they are scored as `<unk>` and included in `logprob` and `words` (open vocabulary; PTB's own
+    they are scored as `<unk>` and included in `loss_nats` and `words` (open vocabulary; PTB's own
     `<unk>` token is an ordinary, known word); without one they are left out of both.
     """
 
-    logprob: float  # total ln P
-    words: int
-    oov: int
-    sentences: int
-    seconds: float
+    sentences: int = 0
 
     @property
-    def perplexity(self) -> float:
-        return math.exp(-self.logprob / self.words) if self.words else float("nan")
-
-    @property
-    def entropy_bits(self) -> float:
-        return -self.logprob / self.words / math.log(2.0) if self.words else float("nan")
-
-    @property
-    def words_per_sec(self) -> float:
-        return self.words / self.seconds if self.seconds > 0 else float("inf")
+    def logprob(self) -> float:
+        """Total ln P, as SRILM and KenLM report it (the tally keeps -ln P)."""
+        return -self.loss_nats
 
 
 def score_corpus(lm: BackoffLM, sentences: Iterable[Sequence[str]]) -> CorpusScore:
@@ -283,7 +274,7 @@ def score_corpus(lm: BackoffLM, sentences: Iterable[Sequence[str]]) -> CorpusSco
             if lp != -math.inf:
                 total += lp
                 words += 1
-    return CorpusScore(total, words, oov, count, time.perf_counter() - start)
+    return CorpusScore(words=words, oov=oov, loss_nats=-total, seconds=time.perf_counter() - start, sentences=count)
 
 
 # --------------------------------------------------------------------------------------------
