@@ -174,7 +174,8 @@ def load_and_score(payload, model_path) -> str:
     """'refused' or 'scored'; anything else raised is a failure of the checks."""
     from rnnlm.checkpoint import CheckpointError, load_model
     from rnnlm.daemon.learner import Learner, base_model_of
-    from rnnlm.daemon.protocol import ProtocolError, Request
+    from rnnlm.daemon.learner import NoRoom
+    from rnnlm.daemon.protocol import Request
     from rnnlm.model import OnlineRule
 
     try:
@@ -189,7 +190,7 @@ def load_and_score(payload, model_path) -> str:
         for learn in (False, True):
             try:
                 result = learner.score(Request("score", stream=stream, domain=domain, tokens=words, learn=learn))
-            except ProtocolError:
+            except NoRoom:
                 continue
             assert len(result.logprobs) == len(words)
             assert np.isfinite(result.logprobs).all() or not learn, (domain, stream)
