@@ -7,7 +7,8 @@ its online step costs what a trained one's does. In one run (~2 min on 2 cores):
 
 1. in-process (a Learner, no sockets): two domains scored by one thread, then by two threads at
    once (one domain each): the compiled step's parallelism, with nothing else around it;
-2. through ZeroMQ, a real `rnnlm serve` with --workers 1, then with --workers 2, each time:
+2. through ZeroMQ, a real `rnnlm serve` with --workers 1, then with --workers 2, alternated
+   --repeat times (medians reported), each time:
    two domains, one pipelining client each (window 64, threads of this process): words/s end to end;
    one domain, one client: words/s (a second worker must cost nothing);
    two domains, one client each with one request in flight: per-message latency p50/p99.
@@ -98,7 +99,7 @@ def through_zmq(endpoint: str, lines: list[str], domains: list[str], window: int
 
 def daemon_figures(model_file: Path, lines: list[str], workers: int, tmp: Path) -> dict:
     work = tmp / f"workers-{workers}"
-    work.mkdir()
+    work.mkdir(parents=True)
     proc, ports = start_daemon(work, ["--model", str(model_file), "--workers", str(workers), "--max-domains", "64"])
     try:
         endpoint = ports["endpoint"]
@@ -117,6 +118,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="a model file (default: an untrained PTB-sized model)")
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "ptb"))
     parser.add_argument("--lines", type=int, default=1000, help="messages (PTB test lines) per domain")
+    parser.add_argument("--repeat", type=int, default=3, help="daemon runs per worker count, alternated; medians reported")
     args = parser.parse_args()
     data = Path(args.data)
     lines = read_lines(data / "ptb.test.txt")[: args.lines]
@@ -135,8 +137,13 @@ def main() -> None:
               f"{model.vocab.num_classes} classes", flush=True)
         (solo, solo_cpu), (pair, pair_cpu) = in_process(model, lines, 1), in_process(model, lines, 2)
         print(f"in-process CPU seconds per wall second: one thread {solo_cpu:.2f}, two threads {pair_cpu:.2f}", flush=True)
-        d1 = daemon_figures(model_file, lines, 1, tmp)
-        d2 = daemon_figures(model_file, lines, 2, tmp)
+        runs = {1: [], 2: []}
+        for repeat in range(args.repeat):  # alternated, so drifting load touches both alike
+            for workers in (1, 2):
+                runs[workers].append(daemon_figures(model_file, lines, workers, tmp / f"r{repeat}"))
+                print(f"run {repeat + 1}, --workers {workers}: " + ", ".join(
+                    f"{k} {v:,.1f}" for k, v in runs[workers][-1].items()) + f"  load {os.getloadavg()[0]:.2f}", flush=True)
+        d1, d2 = ({k: float(np.median([r[k] for r in runs[w]])) for k in runs[w][0]} for w in (1, 2))
     rows = [
         ("2 domains, end to end through ZeroMQ (words/s)", d1["two"], d2["two"], "≥ 1.6×"),
         ("2 domains, in-process Learner (words/s)", solo, pair, "≥ 1.8×"),
@@ -144,7 +151,7 @@ def main() -> None:
         ("2 domains, 1 in flight per client: p50 latency (ms)", d1["p50"], d2["p50"], ""),
         ("2 domains, 1 in flight per client: p99 latency (ms)", d1["p99"], d2["p99"], "≤ 1×"),
     ]
-    print(f"\n| measure | 1 worker | 2 workers | 2 / 1 | target |\n|---|---|---|---|---|")
+    print(f"\nmedians of {args.repeat} runs each\n| measure | 1 worker | 2 workers | 2 / 1 | target |\n|---|---|---|---|---|")
     for name, one, two, target in rows:
         print(f"| {name} | {one:,.1f} | {two:,.1f} | {two / one:.2f}× | {target} |")
     print(f"\nload after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
