@@ -102,3 +102,48 @@ def moved_domains(before: Fleet, after: Fleet, domains) -> dict[str, tuple[str, 
         if old != new:
             moves[domain] = (old, new)
     return moves
+
+
+class Forwarder:
+    """Fire-and-forget messages for a domain another member owns, sent on to that member.
+
+    A PULL message has no reply to carry `moved`, so the member that gets one passes its frame on,
+    unchanged, as a request to the owner's endpoint (one DEALER per owner, so a sender's messages
+    arrive in the order sent); the owner's replies are read and dropped. With CURVE, members have
+    no client keys for each other: nothing is forwarded and such messages are counted `moved`."""
+
+    HIGH_WATER = 10_000  # messages queued toward one owner before more are refused (counted `moved`)
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.sockets: dict[str, "zmq.Socket"] = {}
+
+    def send(self, endpoint: str, frame: bytes) -> bool:
+        import zmq
+
+        socket = self.sockets.get(endpoint)
+        if socket is None:
+            socket = self.sockets[endpoint] = self.ctx.socket(zmq.DEALER)
+            socket.setsockopt(zmq.SNDHWM, self.HIGH_WATER)
+            socket.setsockopt(zmq.LINGER, 2000)  # what is queued at shutdown gets a moment to leave
+            socket.connect(endpoint)
+        try:
+            socket.send(frame, zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError:  # the queue toward that member is full
+            return False
+
+    def drain(self) -> None:
+        """Read and drop the owners' replies, so they do not pile up."""
+        import zmq
+
+        for socket in self.sockets.values():
+            while True:
+                try:
+                    socket.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+
+    def close(self) -> None:
+        for socket in self.sockets.values():
+            socket.close()

@@ -39,7 +39,7 @@ from . import protocol
 from . import systemd
 from .auth import CurveServer
 from .config import ServeConfig
-from .fleet import Fleet, FleetError
+from .fleet import Fleet, FleetError, Forwarder
 from .handoff import Handoffs, model_fingerprint
 from .combination import Combination, Parts, describe_components, same_components, saved_fingerprints
 from .guard import AdaptConfig
@@ -155,6 +155,7 @@ class Server:
         for domain in {protocol.DEFAULT_DOMAIN, *self.learner.domains}:
             self.note_domain(domain)
         self.ctx = zmq.Context()
+        self.forwarder = Forwarder(self.ctx)
         self.workers = Workers(cfg.workers, self.ctx, self.score_messages, self.metrics)
         self.curve = (CurveServer(self.ctx, cfg.curve_secret_key, cfg.curve_authorized_dir, self.metrics.handshake_failures,
                                   cfg.curve_admin_dir)
@@ -277,6 +278,7 @@ class Server:
             self.collect()
             self.maybe_checkpoint()
             if self.fleet is not None:
+                self.forwarder.drain()
                 self.fleet_turn()
             if time.monotonic() >= next_sweep:
                 self.sweep_due = True
@@ -326,6 +328,7 @@ class Server:
             self.router.close()
             if self.pull is not None:
                 self.pull.close()
+            self.forwarder.close()
             self.ctx.term()
             self.http.shutdown()
             log.info("stopped")
@@ -480,6 +483,7 @@ class Server:
         from_pull = socket is self.pull
         start = time.perf_counter()
         message = Message(received.frames[:1] if not from_pull else [], from_pull, start, user=received.user)
+        frame = b""
         try:
             message.envelope, frame = protocol.split_envelope(received, from_router=not from_pull)
             protocol.check_size(frame, self.config.max_message_bytes)
@@ -493,7 +497,10 @@ class Server:
                 raise ProtocolError("wrong_socket", f"'{message.op}' is a control op; send it to the request socket")
         except Exception as err:
             message.request = None
-            message.failure = self.failure(message, err)
+            if self.forwarded(message, err, frame):
+                message.failure = ({}, "forwarded")  # counted; nothing to answer
+            else:
+                message.failure = self.failure(message, err)
         message.parsed = time.perf_counter() - start
         return message
 
@@ -509,6 +516,13 @@ class Server:
             return getattr(self, f"op_{message.op}")(message.request), "ok"
         except Exception as err:
             return self.failure(message, err)
+
+    def forwarded(self, message: Message, err: Exception, frame: bytes) -> bool:
+        """A PULL score message for a domain another member owns goes on to the owner (fleet.Forwarder)."""
+        if not (isinstance(err, ProtocolError) and err.code == "moved" and message.fire_and_forget
+                and message.op in protocol.DATA_OPS and self.curve is None):
+            return False
+        return self.forwarder.send(err.details["endpoint"], frame)
 
     def check_owner(self, request: protocol.Request) -> None:
         """In a fleet, a domain that another member owns is answered `moved`, naming the owner."""

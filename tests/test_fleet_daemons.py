@@ -180,3 +180,40 @@ def test_a_bad_fleet_file_stops_the_start_with_one_line(tmp_path, model_path):
     assert done.returncode == 1
     assert f"Error: {path}, line 2: '127.0.0.1:2' is not an endpoint" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_fire_and_forget_messages_for_another_members_domain_are_forwarded_in_order(tmp_path, model_path):
+    import msgpack
+    import zmq
+
+    path = tmp_path / "fleet.txt"
+    path.write_text(fleet_text(tmp_path, NAMES[:2]))
+    domain = next(d for d, n in owners(path, [f"push-{i}" for i in range(12)]).items() if n == "beta")
+    messages = [{"v": 1, "op": "score", "domain": domain, "stream": "s", "text": line} for line in LINES[:40]]
+    members = {name: Daemon(tmp_path, model_path, "--bind", f"ipc://{tmp_path}/{name}.sock", "--fleet", str(path),
+                            "--fleet-name", name, "--pull-bind", f"ipc://{tmp_path}/{name}-pull.sock")
+               for name in NAMES[:2]}
+    try:
+        push = zmq.Context.instance().socket(zmq.PUSH)
+        push.connect(members["alpha"].pull_endpoint)  # not the owner
+        for m in messages:
+            push.send(msgpack.packb(m))
+        push.close(linger=5000)
+        deadline = time.monotonic() + 60
+        while members["beta"].metric("rnnlm_messages_total", socket="router", op="score", outcome="ok") < len(messages):
+            assert time.monotonic() < deadline, members["beta"].output()[-2000:]
+            time.sleep(0.1)
+        assert members["alpha"].metric("rnnlm_messages_total", socket="pull", op="score", outcome="forwarded") == len(messages)
+        probe = {"op": "score", "domain": domain, "stream": "s", "text": LINES[50], "learn": False}
+        with Client(members["alpha"].endpoint) as c:
+            got = c.request(**probe)
+    finally:
+        for daemon in members.values():
+            daemon.stop()
+    with Daemon(tmp_path, model_path) as single:
+        with Client(single.endpoint) as c:
+            for m in messages:
+                c.score(m["text"], domain=domain, stream="s")
+            want = c.request(**probe)
+        single.stop()
+    assert got["logprobs"] == want["logprobs"] and got["updates"] == want["updates"]  # each applied once, in order
