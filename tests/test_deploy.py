@@ -24,16 +24,25 @@ import yaml
 from rnnlm.cli import serve as serve_command
 from rnnlm.clients.client import Client
 from rnnlm.daemon import systemd
+from rnnlm.daemon.fleet import Fleet, Member
 from tests.daemon_helpers import Daemon
 from tests.test_model import toy_text
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 RULES = sorted((DEPLOY / "prometheus" / "rules").glob("*.yml"))
+RULE_TESTS = sorted((DEPLOY / "prometheus" / "tests").glob("*.test.yml"))
 SERVE_OPTIONS = {opt for param in serve_command.params for opt in param.opts}
 # The adaptation guard's counters (RnnlmAdaptationHurting), which the rules may name before it lands.
 NOT_YET_EXPORTED = {"rnnlm_base_loss_nats_total", "rnnlm_base_tokens_total", "rnnlm_sampled_loss_nats_total",
                     "rnnlm_sampled_tokens_total"}
+# The fleet store (`rnnlm serve --fleet-store DIR --handoff-wait S`, being added in daemon/) and the
+# metrics that come with it, which deploy/k8s/fleet and the fleet rules use. A daemon that has them
+# is checked against deploy/k8s/fleet by test_a_real_daemon_runs_the_statefulsets_command.
+FLEET_STORE_OPTIONS = {"--fleet-store", "--handoff-wait"}
+FLEET_METRICS = {"rnnlm_fleet_members", "rnnlm_fleet_owned_domains", "rnnlm_fleet_info", "rnnlm_handoffs_total",
+                 "rnnlm_handoff_wait_seconds_bucket", "rnnlm_handoff_wait_seconds_count",
+                 "rnnlm_handoff_wait_seconds_sum", "rnnlm_fleet_awaiting_handoff"}
 
 
 def tool(name: str, required: bool = True) -> str:
@@ -68,14 +77,15 @@ def test_promtool_accepts_the_rules_and_their_unit_tests():
     promtool = tool("promtool")
     result = run(promtool, "check", "rules", *RULES)
     assert result.returncode == 0 and "SUCCESS" in result.stdout, result.stdout + result.stderr
-    result = run(promtool, "test", "rules", DEPLOY / "prometheus" / "tests" / "alerts.test.yml")
-    assert result.returncode == 0 and "SUCCESS" in result.stdout, result.stdout + result.stderr
+    assert [p.name for p in RULE_TESTS] == ["alerts.test.yml", "fleet.test.yml"]
+    result = run(promtool, "test", "rules", *RULE_TESTS)
+    assert result.returncode == 0 and result.stdout.count("SUCCESS") == len(RULE_TESTS), result.stdout + result.stderr
 
 
 def test_every_alert_has_cases_that_must_fire_and_must_not():
     alerts = {r["alert"] for f in RULES for g in yaml.safe_load(f.read_text())["groups"] for r in g["rules"] if "alert" in r}
-    unit = yaml.safe_load((DEPLOY / "prometheus" / "tests" / "alerts.test.yml").read_text())
-    cases = [c for t in unit["tests"] for c in t.get("alert_rule_test", [])]
+    units = [yaml.safe_load(path.read_text()) for path in RULE_TESTS]
+    cases = [c for unit in units for t in unit["tests"] for c in t.get("alert_rule_test", [])]
     fires = {c["alertname"] for c in cases if c["exp_alerts"]}
     quiet = {c["alertname"] for c in cases if not c["exp_alerts"]}
     assert alerts == fires == quiet, (alerts, fires, quiet)
@@ -100,7 +110,7 @@ def test_the_rules_and_dashboard_name_only_metrics_the_daemon_exports(daemon):
     expressions = [r["expr"] for f in RULES for g in yaml.safe_load(f.read_text())["groups"] for r in g["rules"]]
     expressions += [e for _, e in dashboard_expressions()]
     named = {m for e in expressions for m in re.findall(r"\b(?:[a-z_]+:)?rnnlm_\w+(?::\w+)?", e)}
-    unknown = named - exported - recorded - NOT_YET_EXPORTED
+    unknown = named - exported - recorded - NOT_YET_EXPORTED - FLEET_METRICS
     assert not unknown, f"not exported by the daemon nor recorded: {sorted(unknown)}"
 
 
@@ -306,6 +316,9 @@ def test_the_dashboard_is_well_formed_and_promtool_parses_every_query(tmp_path):
     for p in panels:
         grid = p["gridPos"]
         assert grid["w"] > 0 and grid["h"] > 0 and grid["x"] + grid["w"] <= 24, p["title"]
+        if p["type"] == "row":  # a heading across the board; the panels below it are its own
+            assert grid["w"] == 24 and "targets" not in p, p["title"]
+            continue
         assert p["targets"] and all(t["expr"].strip() and t["refId"] for t in p["targets"]), p["title"]
         assert p["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, p["title"]
         assert not re.search(r"\$(?!__rate_interval|job|domain)\w+", " ".join(t["expr"] for t in p["targets"])), p["title"]
@@ -313,6 +326,11 @@ def test_the_dashboard_is_well_formed_and_promtool_parses_every_query(tmp_path):
     for topic in ("running perplexity", "windowed perplexity", "tokens / s", "p50 / p99", "update outcomes",
                   "oov", "streams", "checkpoint age"):
         assert topic in titles, topic
+    # The fleet's row, and below it load, domains, handoffs and their wait, per member.
+    (row,) = [p for p in panels if p["type"] == "row" and p["title"] == "Fleet"]
+    below = " ".join(p["title"].lower() for p in panels if p["gridPos"]["y"] > row["gridPos"]["y"])
+    for topic in ("load per member", "domains owned per member", "handoffs", "handoff wait p50 / p99"):
+        assert topic in below, topic
     # Every query, as promtool sees it: each expression becomes a recording rule.
     rules = {"groups": [{"name": "dashboard", "rules": [{"record": f"dashboard:query_{i}", "expr": e}
                                                         for i, (_, e) in enumerate(dashboard_expressions())]}]}
@@ -578,6 +596,148 @@ def test_kustomize_builds_the_manifests():
     assert result.returncode == 0, result.stderr
     kinds = sorted(d["kind"] for d in yaml.safe_load_all(result.stdout))
     assert kinds == ["Deployment", "PersistentVolumeClaim", "PrometheusRule", "Service", "ServiceMonitor"]
+
+
+# --- Kubernetes: a fleet (deploy/k8s/fleet) ---------------------------------------------------------
+
+FLEET = DEPLOY / "k8s" / "fleet"
+
+
+def fleet_k8s() -> dict[str, dict]:
+    docs = [d for path in sorted(FLEET.glob("*.yaml")) if path.name != "kustomization.yaml" for d in load_yaml_docs(path)]
+    return {d["kind"]: d for d in docs}
+
+
+def fleet_container(objects: dict) -> dict:
+    (container,) = objects["StatefulSet"]["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def options(command: list[str]) -> dict[str, str]:
+    """`--name value` pairs of a command line (every option of `rnnlm serve` used here takes a value)."""
+    return {a: command[i + 1] for i, a in enumerate(command) if a.startswith("--")}
+
+
+def expand(command: list[str], env: dict[str, str]) -> list[str]:
+    """Kubernetes' own expansion of $(VAR) in a container's command, from the container's env."""
+    return [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in command]
+
+
+def relocate(arg: str, roots: dict[str, Path]) -> str:
+    """A path inside the pod, moved to where its volume's stand-in is here (the deepest mount holding it)."""
+    holding = [mount for mount in roots if arg == mount or arg.startswith(mount + "/")]
+    if not holding:
+        return arg
+    mount = max(holding, key=len)
+    return str(roots[mount]) + arg[len(mount):]
+
+
+def test_the_fleet_manifests_hang_together():
+    objects = fleet_k8s()
+    statefulset, service, config = objects["StatefulSet"], objects["Service"], objects["ConfigMap"]
+    store, budget = objects["PersistentVolumeClaim"], objects["PodDisruptionBudget"]
+    spec = statefulset["spec"]
+    pod, labels = spec["template"]["spec"], spec["template"]["metadata"]["labels"]
+    # A headless Service names the pods: rnnlm-0.rnnlm, rnnlm-1.rnnlm, ...
+    assert service["spec"]["clusterIP"] == "None" and spec["serviceName"] == service["metadata"]["name"] == "rnnlm"
+    for selector in (spec["selector"]["matchLabels"], service["spec"]["selector"], budget["spec"]["selector"]["matchLabels"]):
+        assert selector.items() <= labels.items()
+    assert spec["replicas"] == 3 and spec["podManagementPolicy"] in ("Parallel", "OrderedReady")
+    assert budget["spec"] == {"maxUnavailable": 1, "selector": budget["spec"]["selector"]}
+    container = fleet_container(objects)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert {p["targetPort"] for p in service["spec"]["ports"]} == set(ports) == {"zmq", "metrics"}
+    # The member's name is the pod's name, from the downward API.
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert set(re.findall(r"\$\((\w+)\)", " ".join(container["command"]))) <= set(env)
+    command = container["command"]
+    assert command[:2] == ["rnnlm", "serve"] and "args" not in container
+    assert {a for a in command if a.startswith("--")} <= SERVE_OPTIONS | FLEET_STORE_OPTIONS
+    given = options(command)
+    assert given["--fleet-name"] == "$(POD_NAME)" and "--state-dir" not in given, "checkpoints go to the store"
+    assert given["--bind"] == f"tcp://0.0.0.0:{ports['zmq']}" and given["--metrics-addr"] == f"0.0.0.0:{ports['metrics']}"
+    # The fleet file: the ConfigMap mounted whole (a subPath mount never sees an edit), naming
+    # exactly the StatefulSet's pods at their headless-Service names.
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    fleet_file = Path(given["--fleet"])
+    fleet_mount = mounts[str(fleet_file.parent)]
+    assert "subPath" not in fleet_mount and fleet_mount["readOnly"]
+    assert volumes[fleet_mount["name"]]["configMap"]["name"] == config["metadata"]["name"] == "rnnlm-fleet"
+    fleet = Fleet.parse(config["data"][fleet_file.name])
+    assert fleet.members == tuple(Member(f"rnnlm-{i}", f"tcp://rnnlm-{i}.rnnlm:{ports['zmq']}")
+                                  for i in range(spec["replicas"]))
+    # The store: one ReadWriteMany volume that every member mounts, no per-pod volumes.
+    store_mount = mounts[given["--fleet-store"]]
+    assert volumes[store_mount["name"]]["persistentVolumeClaim"]["claimName"] == store["metadata"]["name"]
+    assert store["spec"]["accessModes"] == ["ReadWriteMany"] and "volumeClaimTemplates" not in spec
+    # A departing member has time to hand over: the grace period outlasts --handoff-wait and a checkpoint.
+    assert pod["terminationGracePeriodSeconds"] >= max(120, 2 * int(given["--handoff-wait"]))
+    # Probes and hardening as the single daemon's.
+    deployment = k8s()["Deployment"]["spec"]["template"]["spec"]
+    (single,) = deployment["containers"]
+    for key in ("startupProbe", "readinessProbe", "livenessProbe", "securityContext", "resources"):
+        assert container[key] == single[key], key
+    assert pod["securityContext"] == deployment["securityContext"]
+    # deploy/k8s's ServiceMonitor finds this Service and its named port too.
+    monitor = k8s()["ServiceMonitor"]["spec"]
+    assert monitor["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+
+
+def test_kubernetes_validate_accepts_the_fleet_manifests():
+    validate = tool("kubernetes-validate", required=False)
+    files = [p for p in sorted(FLEET.glob("*.yaml")) if p.name != "kustomization.yaml"]
+    assert len(files) == 5
+    result = run(validate, "--strict", "--no-warn", *files)
+    assert result.returncode == 0 and result.stdout.count("passed") == 5, result.stdout + result.stderr
+
+
+def test_kustomize_builds_the_fleet():
+    result = run(tool("kubectl", required=False), "kustomize", FLEET)
+    assert result.returncode == 0, result.stderr
+    docs = list(yaml.safe_load_all(result.stdout))
+    assert sorted(d["kind"] for d in docs) == ["ConfigMap", "PersistentVolumeClaim", "PodDisruptionBudget", "Service",
+                                              "StatefulSet"]
+    assert all(d["metadata"]["labels"]["app.kubernetes.io/part-of"] == "rnnlm" for d in docs)
+
+
+def test_a_real_daemon_runs_the_statefulsets_command(tmp_path, model_path):
+    """The StatefulSet's command, as Kubernetes would run it for pod rnnlm-1, in a scratch root: the
+    ConfigMap's keys as files where it is mounted, the store an empty folder. The member serves the
+    domains it owns, exports what the fleet rules read, and checkpoints into <store>/rnnlm-1/."""
+    missing = FLEET_STORE_OPTIONS - SERVE_OPTIONS
+    if missing:
+        pytest.skip(f"rnnlm serve has no {', '.join(sorted(missing))} yet")
+    objects = fleet_k8s()
+    container = fleet_container(objects)
+    roots = {m["mountPath"]: tmp_path / m["name"] for m in container["volumeMounts"]}
+    for root in roots.values():
+        root.mkdir()
+    config = objects["ConfigMap"]
+    (config_root,) = [roots[m["mountPath"]] for m in container["volumeMounts"] if m["name"] == "fleet"]
+    for key, text in config["data"].items():
+        (config_root / key).write_text(text)
+    command = [relocate(a, roots) for a in expand(container["command"], {"POD_NAME": "rnnlm-1"})]
+    given = options(command)
+    extra = [a for opt, value in given.items() if opt not in ("--bind", "--metrics-addr") for a in (opt, value)]
+    fleet = Fleet.parse(config["data"]["fleet"])
+    domain = next(d for d in (f"domain-{i}" for i in range(100)) if fleet.owner(d).name == "rnnlm-1")
+    store = Path(given["--fleet-store"])
+    with Daemon(tmp_path, model_path, *extra) as member:
+        with Client(member.endpoint, timeout=10) as client:
+            info = client.info()["fleet"]
+            assert info["member"] == "rnnlm-1" and [m["name"] for m in info["members"]] == fleet.names()
+            client.score("the cat sat on the mat", domain=domain)
+            assert client.info()["fleet"]["owned_domains"] == [domain]
+            client.save()
+        assert member.metric("rnnlm_fleet_members") == len(fleet.members)
+        assert member.metric("rnnlm_fleet_owned_domains") == 1
+        assert member.metric("rnnlm_fleet_awaiting_handoff") == 0
+        assert [line for line in member.scrape().splitlines()
+                if line.startswith("rnnlm_fleet_info{") and 'member="rnnlm-1"' in line and line.endswith(" 1.0")]
+        assert member.stop() == 0, member.output()
+    assert list((store / "rnnlm-1").glob("*.pt")), f"no checkpoint in the member's folder of the store: {list(store.rglob('*'))}"
 
 
 # --- the adaptation plot -----------------------------------------------------------------------------
