@@ -36,13 +36,6 @@ SERVE_OPTIONS = {opt for param in serve_command.params for opt in param.opts}
 # The adaptation guard's counters (RnnlmAdaptationHurting), which the rules may name before it lands.
 NOT_YET_EXPORTED = {"rnnlm_base_loss_nats_total", "rnnlm_base_tokens_total", "rnnlm_sampled_loss_nats_total",
                     "rnnlm_sampled_tokens_total"}
-# The fleet store (`rnnlm serve --fleet-store DIR --handoff-wait S`, being added in daemon/) and the
-# metrics that come with it, which deploy/k8s/fleet and the fleet rules use. A daemon that has them
-# is checked against deploy/k8s/fleet by test_a_real_daemon_runs_the_statefulsets_command.
-FLEET_STORE_OPTIONS = {"--fleet-store", "--handoff-wait"}
-FLEET_METRICS = {"rnnlm_fleet_members", "rnnlm_fleet_owned_domains", "rnnlm_fleet_info", "rnnlm_handoffs_total",
-                 "rnnlm_handoff_wait_seconds_bucket", "rnnlm_handoff_wait_seconds_count",
-                 "rnnlm_handoff_wait_seconds_sum", "rnnlm_fleet_awaiting_handoff"}
 
 
 def tool(name: str, required: bool = True) -> str:
@@ -110,7 +103,7 @@ def test_the_rules_and_dashboard_name_only_metrics_the_daemon_exports(daemon):
     expressions = [r["expr"] for f in RULES for g in yaml.safe_load(f.read_text())["groups"] for r in g["rules"]]
     expressions += [e for _, e in dashboard_expressions()]
     named = {m for e in expressions for m in re.findall(r"\b(?:[a-z_]+:)?rnnlm_\w+(?::\w+)?", e)}
-    unknown = named - exported - recorded - NOT_YET_EXPORTED - FLEET_METRICS
+    unknown = named - exported - recorded - NOT_YET_EXPORTED
     assert not unknown, f"not exported by the daemon nor recorded: {sorted(unknown)}"
 
 
@@ -653,7 +646,7 @@ def test_the_fleet_manifests_hang_together():
     assert set(re.findall(r"\$\((\w+)\)", " ".join(container["command"]))) <= set(env)
     command = container["command"]
     assert command[:2] == ["rnnlm", "serve"] and "args" not in container
-    assert {a for a in command if a.startswith("--")} <= SERVE_OPTIONS | FLEET_STORE_OPTIONS
+    assert {a for a in command if a.startswith("--")} <= SERVE_OPTIONS
     given = options(command)
     assert given["--fleet-name"] == "$(POD_NAME)" and "--state-dir" not in given, "checkpoints go to the store"
     assert given["--bind"] == f"tcp://0.0.0.0:{ports['zmq']}" and given["--metrics-addr"] == f"0.0.0.0:{ports['metrics']}"
@@ -702,42 +695,110 @@ def test_kustomize_builds_the_fleet():
     assert all(d["metadata"]["labels"]["app.kubernetes.io/part-of"] == "rnnlm" for d in docs)
 
 
-def test_a_real_daemon_runs_the_statefulsets_command(tmp_path, model_path):
-    """The StatefulSet's command, as Kubernetes would run it for pod rnnlm-1, in a scratch root: the
-    ConfigMap's keys as files where it is mounted, the store an empty folder. The member serves the
-    domains it owns, exports what the fleet rules read, and checkpoints into <store>/rnnlm-1/."""
-    missing = FLEET_STORE_OPTIONS - SERVE_OPTIONS
-    if missing:
-        pytest.skip(f"rnnlm serve has no {', '.join(sorted(missing))} yet")
+class PodFilesystem:
+    """The volumes the StatefulSet's pods mount, as folders under `root` shared by every member here
+    as on Kubernetes (the store is one ReadWriteMany volume, the fleet file one ConfigMap)."""
+
+    def __init__(self, root: Path, objects: dict):
+        self.container = fleet_container(objects)
+        self.roots = {m["mountPath"]: root / m["name"] for m in self.container["volumeMounts"]}
+        for folder in self.roots.values():
+            folder.mkdir()
+        (fleet_mount,) = [m["mountPath"] for m in self.container["volumeMounts"] if m["name"] == "fleet"]
+        self.config = self.roots[fleet_mount]
+        for key, text in objects["ConfigMap"]["data"].items():
+            self.edit_config(key, text)
+
+    def edit_config(self, key: str, text: str) -> None:
+        """As the kubelet updates a ConfigMap volume: the new file appears whole, in one rename."""
+        (self.config / f".{key}.new").write_text(text)
+        os.replace(self.config / f".{key}.new", self.config / key)
+
+    def command(self, pod: str) -> list[str]:
+        """The container's command for `pod`, with its paths moved to the folders here."""
+        return [relocate(a, self.roots) for a in expand(self.container["command"], {"POD_NAME": pod})]
+
+
+def start_member(tmp: Path, model: Path, pods: PodFilesystem, name: str) -> Daemon:
+    """`rnnlm serve` with the StatefulSet's command for pod `name`, on loopback ports."""
+    given = options(pods.command(name))
+    return Daemon(tmp, model, *[a for opt, value in given.items() if opt not in ("--bind", "--metrics-addr")
+                                for a in (opt, value)])
+
+
+def fleet_info_members(member: Daemon) -> list[str]:
+    return [re.search(r'member="([^"]+)"', line).group(1) for line in member.scrape().splitlines()
+            if line.startswith("rnnlm_fleet_info{") and line.endswith(" 1.0")]
+
+
+def fleet_text(fleet: Fleet) -> str:
+    return "".join(f"{m.name} {m.endpoint}\n" for m in fleet.members)
+
+
+def test_real_daemons_run_the_statefulset_grow_and_shrink_as_documented(tmp_path, model_path):
+    """The StatefulSet's command as Kubernetes would run it for rnnlm-0, -1 and -2 (the member name
+    from the pod's, the fleet file from the ConfigMap, one store), in folders standing in for the
+    volumes. Each serves the domains it owns, exports what the fleet rules and alerts read, and
+    checkpoints into <store>/<name>/. Then docs/operating.md's procedures: grow (scale to rnnlm-3
+    first, then add its line: a domain moves to it) and shrink (remove the line first; once rnnlm-3
+    owns nothing and counted its handoff, scale it away: the domain carries on where it was)."""
     objects = fleet_k8s()
-    container = fleet_container(objects)
-    roots = {m["mountPath"]: tmp_path / m["name"] for m in container["volumeMounts"]}
-    for root in roots.values():
-        root.mkdir()
-    config = objects["ConfigMap"]
-    (config_root,) = [roots[m["mountPath"]] for m in container["volumeMounts"] if m["name"] == "fleet"]
-    for key, text in config["data"].items():
-        (config_root / key).write_text(text)
-    command = [relocate(a, roots) for a in expand(container["command"], {"POD_NAME": "rnnlm-1"})]
-    given = options(command)
-    extra = [a for opt, value in given.items() if opt not in ("--bind", "--metrics-addr") for a in (opt, value)]
-    fleet = Fleet.parse(config["data"]["fleet"])
-    domain = next(d for d in (f"domain-{i}" for i in range(100)) if fleet.owner(d).name == "rnnlm-1")
-    store = Path(given["--fleet-store"])
-    with Daemon(tmp_path, model_path, *extra) as member:
-        with Client(member.endpoint, timeout=10) as client:
-            info = client.info()["fleet"]
-            assert info["member"] == "rnnlm-1" and [m["name"] for m in info["members"]] == fleet.names()
-            client.score("the cat sat on the mat", domain=domain)
-            assert client.info()["fleet"]["owned_domains"] == [domain]
-            client.save()
-        assert member.metric("rnnlm_fleet_members") == len(fleet.members)
-        assert member.metric("rnnlm_fleet_owned_domains") == 1
-        assert member.metric("rnnlm_fleet_awaiting_handoff") == 0
-        assert [line for line in member.scrape().splitlines()
-                if line.startswith("rnnlm_fleet_info{") and 'member="rnnlm-1"' in line and line.endswith(" 1.0")]
-        assert member.stop() == 0, member.output()
-    assert list((store / "rnnlm-1").glob("*.pt")), f"no checkpoint in the member's folder of the store: {list(store.rglob('*'))}"
+    pods = PodFilesystem(tmp_path, objects)
+    fleet = Fleet.parse(objects["ConfigMap"]["data"]["fleet"])
+    grown = Fleet(fleet.members + (Member("rnnlm-3", fleet.members[0].endpoint.replace("rnnlm-0", "rnnlm-3")),))
+    candidates = [f"domain-{i}" for i in range(200)]
+    # rnnlm-0's domain is one that moves to rnnlm-3 when it joins.
+    domains = {"rnnlm-0": next(d for d in candidates
+                               if fleet.owner(d).name == "rnnlm-0" and grown.owner(d).name == "rnnlm-3")}
+    domains |= {m.name: next(d for d in candidates if fleet.owner(d) == m) for m in fleet.members[1:]}
+    store = Path(options(pods.command("rnnlm-0"))["--fleet-store"])
+    members = {}
+    try:
+        for name in fleet.names():
+            members[name] = start_member(tmp_path, model_path, pods, name)
+        first = {}
+        for name, member in members.items():
+            with Client(member.endpoint, timeout=30) as client:
+                info = client.info()["fleet"]
+                assert info["member"] == name and [m["name"] for m in info["members"]] == fleet.names()
+                first[name] = client.score("the cat sat on the mat", domain=domains[name])
+                assert client.info()["fleet"]["owned_domains"] == [domains[name]]
+                client.save()
+            assert list((store / name).glob("*.pt")), f"no checkpoint in {name}'s folder: {list(store.rglob('*'))}"
+            assert fleet_info_members(member) == [name]
+            assert member.metric("rnnlm_fleet_members") == 3 and member.metric("rnnlm_fleet_owned_domains") == 1
+            assert member.metric("rnnlm_fleet_awaiting_handoff") == 0
+
+        # Grow: the pod first (not in the file yet, it owns nothing), then its line.
+        moving, old_owner, moving_tokens = domains["rnnlm-0"], members["rnnlm-0"], first["rnnlm-0"]["tokens"]
+        members["rnnlm-3"] = joining = start_member(tmp_path, model_path, pods, "rnnlm-3")
+        with Client(joining.endpoint, timeout=30) as client:
+            assert client.info()["fleet"]["owned_domains"] == []
+        pods.edit_config("fleet", fleet_text(grown))
+        wait_for(lambda: joining.metric("rnnlm_handoffs_total", direction="taken") == 1, 30, joining.output)
+        assert old_owner.metric("rnnlm_handoffs_total", direction="given") == 1
+        with Client(joining.endpoint, timeout=30) as client:
+            moving_tokens += client.score("the dog sat on the mat", domain=moving)["tokens"]
+            assert client.info()["fleet"]["owned_domains"] == [moving]
+        assert all(m.metric("rnnlm_fleet_members") == 4 for m in members.values())
+
+        # Shrink: the line first; once rnnlm-3 has handed over everything, scale it away.
+        pods.edit_config("fleet", fleet_text(fleet))
+        wait_for(lambda: joining.metric("rnnlm_fleet_owned_domains") == 0
+                 and joining.metric("rnnlm_handoffs_total", direction="given") == 1, 30, joining.output)
+        assert joining.stop() == 0, joining.output()
+        with Client(old_owner.endpoint, timeout=30) as client:
+            moving_tokens += client.score("the cat sat on the dog and the cat sat", domain=moving)["tokens"]
+            assert moving in client.info()["fleet"]["owned_domains"]
+            # Every update of the domain, wherever it was made, is in its state: one SGD step per token.
+            assert client.stats()["domains"][moving]["updates"] == moving_tokens, old_owner.output()
+        assert old_owner.metric("rnnlm_handoffs_total", direction="taken") >= 1
+        assert old_owner.metric("rnnlm_fleet_awaiting_handoff") == 0 and old_owner.metric("rnnlm_fleet_members") == 3
+        for name in fleet.names():
+            assert members[name].stop() == 0, members[name].output()
+    finally:
+        for member in members.values():
+            member.__exit__(None, None, None)
 
 
 # --- the adaptation plot -----------------------------------------------------------------------------
