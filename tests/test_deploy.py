@@ -703,7 +703,7 @@ class PodFilesystem:
         self.container = fleet_container(objects)
         self.roots = {m["mountPath"]: root / m["name"] for m in self.container["volumeMounts"]}
         for folder in self.roots.values():
-            folder.mkdir()
+            folder.mkdir(parents=True)
         (fleet_mount,) = [m["mountPath"] for m in self.container["volumeMounts"] if m["name"] == "fleet"]
         self.config = self.roots[fleet_mount]
         for key, text in objects["ConfigMap"]["data"].items():
@@ -796,6 +796,44 @@ def test_real_daemons_run_the_statefulset_grow_and_shrink_as_documented(tmp_path
         assert old_owner.metric("rnnlm_fleet_awaiting_handoff") == 0 and old_owner.metric("rnnlm_fleet_members") == 3
         for name in fleet.names():
             assert members[name].stop() == 0, members[name].output()
+    finally:
+        for member in members.values():
+            member.__exit__(None, None, None)
+
+
+def test_prometheus_sees_a_fleet_member_go_down(tmp_path, model_path):
+    """Two members run with the StatefulSet's command and a real Prometheus scraping both with
+    deploy/'s rules (windows scaled to seconds): load and domains are recorded per member, by
+    name, and RnnlmFleetMemberDown is quiet; one member SIGKILLed, and it fires."""
+    objects = fleet_k8s()
+    pods = PodFilesystem(tmp_path / "pod", objects)
+    pair = Fleet(Fleet.parse(objects["ConfigMap"]["data"]["fleet"]).members[:2])
+    pods.edit_config("fleet", fleet_text(pair))
+    members = {}
+    try:
+        for name in pair.names():
+            members[name] = start_member(tmp_path, model_path, pods, name)
+        config = e2e_config(members["rnnlm-0"], fast_rules(tmp_path / "rules"))
+        config["scrape_configs"][0]["static_configs"] = [
+            {"targets": [urllib.parse.urlparse(m.metrics_url).netloc for m in members.values()]}]
+        with PrometheusServer(tmp_path / "prometheus", config) as prom:
+            def recorded(expr: str) -> dict[str, float]:
+                return {r["metric"]["member"]: float(r["value"][1]) for r in prom.api("query", query=expr)["result"]}
+
+            def score_on_each() -> None:  # traffic on both until the 5s-window load sees it
+                for member in pair.members:
+                    domain = next(d for d in (f"domain-{i}" for i in range(100)) if pair.owner(d) == member)
+                    with Client(members[member.name].endpoint, timeout=30) as client:
+                        client.score("the cat sat on the mat", domain=domain)
+            wait_for(lambda: score_on_each() or len(recorded("member:rnnlm_tokens:rate5m > 0")) == 2, 30,
+                     lambda: f"{recorded('member:rnnlm_tokens:rate5m')}\n{prom.output()}")
+            assert recorded("member:rnnlm_fleet_owned_domains:max") == {"rnnlm-0": 1, "rnnlm-1": 1}
+            assert not prom.alerts("RnnlmFleetMemberDown")
+
+            members["rnnlm-1"].stop(signal.SIGKILL)
+            wait_for(lambda: "firing" in prom.alerts("RnnlmFleetMemberDown"), 20, prom.output)
+            assert prom.value('ALERTS{alertname="RnnlmFleetMemberDown", alertstate="firing"}') == 1
+            assert prom.value("max(rnnlm_fleet_members) - count(rnnlm_fleet_info)") == 1
     finally:
         for member in members.values():
             member.__exit__(None, None, None)
