@@ -16,9 +16,12 @@ Every member follows the same three rules, with no coordinator:
    domain's moves and only grows: a stale copy (say, from a checkpoint taken before the domain was
    given away) has fewer, so it never replaces a newer one. Having given everything away, the
    member writes the generation it applied to done/<member>.
-2. Take. A member takes each handoff file of a domain it owns, unless the copy it holds has as many
-   moves. The file is deleted once a checkpoint of the new owner holds the domain, so a crash
-   in between loses nothing: the file is taken again at restart.
+2. Take. Once the change is settled (rule 3), a member takes each handoff file of a domain it owns,
+   unless the copy it holds has as many moves. Not before: a file still in the store may be one
+   that the member it was given to has taken and goes on learning from until it, too, applies the
+   change. The file is deleted once a checkpoint of the new owner holds the domain, so a crash in
+   between loses nothing: the file is taken again at restart. Files that a member given up on
+   (rule 3) writes late are ignored: its domains were recovered, and learned from, since.
 3. Wait. A message for a domain the member owns and does not hold waits while the fleet change is
    not settled: until every other member has applied this generation, and each member that left
    has too or, after --handoff-wait, has had its domains recovered from its newest checkpoint. Once
@@ -83,7 +86,8 @@ class Handoffs:
     settled: bool = True
     announced: bool = True  # done/<me> says the generation in force (rule 1 carried out)
     taken: dict[str, tuple[list[Path], int]] = field(default_factory=dict)  # domain -> files, checkpoint to wait for
-    domain_of: dict[str, str] = field(default_factory=dict)  # key -> domain name, for the files seen
+    headers: dict[Path, tuple[str, str]] = field(default_factory=dict)  # file -> (domain, member that gave it)
+    written_off: set[str] = field(default_factory=set)  # members given up on: their late files are stale
     base: str = ""  # model_fingerprint of the base model, set by the server
 
     def __post_init__(self):
@@ -110,6 +114,7 @@ class Handoffs:
         gone = set(before.names()) - set(after.names()) if before is not None else set()
         deadline = time.monotonic() + self.wait_seconds
         self.departed = {name: deadline for name in gone if name != self.me}
+        self.written_off -= set(after.names())  # back in the fleet: what it gives from now on is current
         self.settled = self.announced = False
 
     def applied(self) -> None:
@@ -138,6 +143,7 @@ class Handoffs:
                             self.wait_seconds)
                 recover(member)
                 del self.departed[member]
+                self.written_off.add(member)  # a handoff it writes after all would undo what was learned since
         others = [name for name in fleet.names() if name != self.me]
         self.settled = not self.departed and all(self.done_by(name) for name in others)
         if self.settled:
@@ -167,30 +173,34 @@ class Handoffs:
         payload["domains"][domain]["moves"] = moves
         path = self.handoff_dir / f"{key}.{moves}.pt"
         write_atomic(path, payload)
-        self.domain_of[key] = domain
+        self.headers[path] = (domain, self.me)
         return path
 
-    def name_of(self, file: HandoffFile) -> str | None:
-        """The domain a file holds (read once; torch maps the file, so only its small header is read)."""
-        if file.key not in self.domain_of:
+    def header(self, file: HandoffFile) -> tuple[str, str] | None:
+        """The domain a file holds and the member that gave it (read once; torch maps the file,
+        so only its small header is read)."""
+        if file.path not in self.headers:
             try:
                 payload = torch.load(file.path, map_location="cpu", weights_only=True, mmap=True)
-                name = payload.get("domain") if isinstance(payload, dict) else None
+                name, giver = (payload.get("domain"), payload.get("from")) if isinstance(payload, dict) else (None, None)
             except Exception as err:  # a file being replaced, or damaged: looked at again next time
                 log.debug("cannot read %s yet: %s", file.path, err)
                 return None
-            if not isinstance(name, str) or domain_key(name) != file.key:
+            if not isinstance(name, str) or domain_key(name) != file.key or not isinstance(giver, str):
                 log.error("%s does not hold the domain its name says; leaving it alone", file.path)
                 return None
-            self.domain_of[file.key] = name
-        return self.domain_of[file.key]
+            self.headers[file.path] = (name, giver)
+        return self.headers[file.path]
 
     def to_take(self, learner: Learner, fleet: Fleet) -> dict[str, list[HandoffFile]]:
         """The files of domains this member owns, newest first, by domain, not yet taken."""
         by_domain: dict[str, list[HandoffFile]] = {}
         for file in self.files():
-            name = self.name_of(file)
-            if name is None or file.path in self.taken.get(name, ([], 0))[0] or fleet.owner(name).name != self.me:
+            header = self.header(file)
+            if header is None or header[1] in self.written_off:
+                continue
+            name = header[0]
+            if file.path in self.taken.get(name, ([], 0))[0] or fleet.owner(name).name != self.me:
                 continue
             by_domain.setdefault(name, []).append(file)
         for files in by_domain.values():
@@ -199,7 +209,7 @@ class Handoffs:
 
     def read(self, file: HandoffFile) -> dict:
         payload = read_checked(file.path, HANDOFF_FORMAT)
-        if payload.get("domain") != self.domain_of.get(file.key) or list(payload.get("domains", {})) != [payload["domain"]]:
+        if payload.get("domain") != self.headers[file.path][0] or list(payload.get("domains", {})) != [payload["domain"]]:
             raise CheckpointError(f"{file.path}: not the one domain its name says")
         if payload.get("base") != self.base:
             raise CheckpointError(f"{file.path}: adapted from another base model than this member's")

@@ -246,6 +246,10 @@ class Server:
         except FleetError as err:
             log.error("received SIGHUP: could not reload the fleet, keeping the one in force: %s", err)
             return
+        if sorted(fleet.names()) == sorted(self.fleet.names()):
+            self.fleet = fleet  # the same members (an endpoint may have changed): no domain moves
+            log.info("fleet file read again: the same %d member(s)", len(fleet.members))
+            return
         me = self.config.fleet_name
         with self.learner.lock:  # workers may be creating domains
             known = list(self.learner.domains)
@@ -739,13 +743,12 @@ class Server:
         """Once a loop turn: reload a changed fleet file; hand over, take up and settle domains."""
         now = time.monotonic()
         h = self.handoffs
-        if now >= self.next_fleet_look:
+        look = now >= self.next_fleet_look
+        if look:
             self.next_fleet_look = now + (FLEET_LOOK_SECONDS if h is None or h.settled else HANDOFF_LOOK_SECONDS)
             if fleet_file_text(self.config.fleet) != self.fleet_text:
                 log.info("the fleet file %s changed", self.config.fleet)
                 self.reload_fleet()
-            if h is not None:
-                self.take_handoffs()
         if h is None:
             return
         if self.giving and not self.workers.runs_in_flight and not any(
@@ -753,8 +756,10 @@ class Server:
             self.give_away(sorted(self.giving))
         if not self.giving and not h.announced:
             h.applied()
-        if not h.settled and h.announced:
-            h.settle(self.fleet, self.recover_from)
+        if not h.settled and h.announced and look:
+            look = h.settle(self.fleet, self.recover_from)
+        if h.settled and look:  # files are taken only once every member has applied the change (handoff.py)
+            self.take_handoffs()
         self.forget_taken_files()
         self.metrics.awaiting_handoff.set(0 if h.settled else 1)
         with self.learner.lock:

@@ -109,6 +109,13 @@ def moved(before: list[str], after: list[str]) -> dict[str, tuple[str, str]]:
     return moved_domains(*fleets, DOMAINS)
 
 
+def applied(daemon: Daemon, members: int) -> None:
+    deadline = time.monotonic() + 30
+    while daemon.metric("rnnlm_fleet_members") != members:
+        assert time.monotonic() < deadline, daemon.output()[-2000:]
+        time.sleep(0.05)
+
+
 def reload(fleet_file: Path, text: str, daemons) -> None:
     fleet_file.write_text(text)
     for daemon in daemons:
@@ -215,3 +222,38 @@ def test_a_member_restarted_takes_back_what_it_handed_over_when_stopping(tmp_pat
         single.stop()
     for i, (g, w) in enumerate(zip(got, want)):
         assert (g["logprobs"], g["updates"]) == (w["logprobs"], w["updates"]), i
+
+
+def test_a_domain_handed_back_waits_for_the_member_that_has_it(tmp_path, model_path):
+    """A -> B -> A with B applying the second change late (stopped; a kubelet that syncs its pod
+    later): A must not take the file it once gave B, which B took and learned from since. A holds
+    the domain's messages until B hands it back, then every update of all three is there."""
+    store, fleet_file = tmp_path / "store", tmp_path / "fleet.txt"
+    one, two = fleet_text(tmp_path, ["alpha"]), fleet_text(tmp_path, ["alpha", "beta"])
+    domain = next(d for d in (f"back{i}" for i in range(50)) if Fleet.parse(two).owner(d).name == "beta")
+    fleet_file.write_text(one)
+    a, b = (Daemon(tmp_path, model_path, "--bind", f"ipc://{tmp_path}/{name}.sock", "--fleet", str(fleet_file),
+                   "--fleet-name", name, "--fleet-store", str(store)) for name in ("alpha", "beta"))
+    texts = [LINES[0], LINES[1], LINES[2]]
+    try:
+        with Client(a.endpoint, timeout=60) as c:
+            c.score(texts[0], domain=domain, stream="s")
+            reload(fleet_file, two, [a, b])
+            applied(a, 2)
+            c.score(texts[1], domain=domain, stream="s")  # redirected to beta, which took the domain
+            assert b.metric("rnnlm_handoffs_total", direction="taken") == 1
+            b.proc.send_signal(signal.SIGSTOP)
+            reload(fleet_file, one, [a])
+            applied(a, 1)
+            started = time.monotonic()
+            threading.Timer(3.0, b.proc.send_signal, (signal.SIGCONT,)).start()
+        with Client(a.endpoint, timeout=60) as c:  # straight to alpha, the owner now
+            third = c.score(texts[2], domain=domain, stream="s")
+            waited = time.monotonic() - started
+        assert waited >= 2.5, waited  # held until beta handed the domain back
+        assert third["updates"] == sum(len(t.split()) + 1 for t in texts)  # all three learned, once each
+        assert a.metric("rnnlm_handoffs_total", direction="recovered") == 0
+    finally:
+        b.proc.send_signal(signal.SIGCONT)
+        for daemon in (a, b):
+            daemon.stop()
