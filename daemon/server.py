@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
@@ -60,6 +61,7 @@ TURN_SECONDS = 0.25
 # systemd's watchdog, which then restarts the daemon (a run is bounded by RUN_TOKENS or --max-tokens).
 WORKER_STUCK_SECONDS = 10.0
 LOOKAHEAD = 64  # messages looked through for more of a run's stream, past other domains' messages
+GIL_SWITCH_SECONDS = 0.0005
 HANDOFF_LOOK_SECONDS = 0.05  # ...and the handoff folder, while a change is not settled
 FLEET_LOOK_SECONDS = 2.0  # how often the fleet file is looked at for a change (a ConfigMap is swapped in place)
 NO_DOMAIN = "_none"  # the domain label of `learn: false` scores against a domain that does not exist
@@ -132,6 +134,10 @@ class Server:
 
     def startup(self) -> None:
         cfg = self.config
+        # A learner thread back from the compiled step (which runs without the GIL) waits for the
+        # thread holding it to give it up, up to the switch interval: 5 ms by default, which
+        # showed in the replies' p99 with several workers (docs/benchmarks.md).
+        sys.setswitchinterval(GIL_SWITCH_SECONDS)
         return_big_blocks_to_the_system()
         self.learner = self.load_learner()
         self.learner.warm_up()
