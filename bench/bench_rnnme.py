@@ -137,11 +137,34 @@ def dynamic_with_direct_rate(model: RNNLM, words: list[str], direct_rate: float)
     return evaluate(model, words, OnlineRule(lr=0.01, direct_rate=direct_rate), weights=model.weights.copy())
 
 
-def comparison_row(name: str, model: RNNLM, path: Path, training: dict | None, static, dynamic, tuned) -> str:
+def comparison_row(name: str, path: Path, training: dict | None, static, dynamic, tuned) -> str:
     train_cells = (f"{training['minutes']:.1f} | {training['epochs']} | {training['words_per_sec']:,.0f}"
                    if training else "- | - | -")
     return (f"| {name} | {static.perplexity:.2f} | {dynamic.perplexity:.2f} | "
             f"{f'{tuned.perplexity:.2f}' if tuned else '-'} | {train_cells} | {path.stat().st_size / 2**20:.1f} |")
+
+
+def plain_network_row(args, train_words, valid_words, test_words, out: Path) -> str:
+    """Train (or load) the same network without direct connections; its row of the comparison."""
+    plain, path, training = trained_or_loaded(args, train_words, valid_words, {}, args.plain_model,
+                                              out.with_name(f"{out.stem}-plain.pt"))
+    print(f"plain model: {json.dumps(plain.describe())}", flush=True)
+    static = evaluate(plain, test_words)
+    dynamic = evaluate(plain, test_words, DYNAMIC, weights=plain.weights.copy())
+    print(f"plain network: test perplexity {static.perplexity:.2f} static, {dynamic.perplexity:.2f} dynamic 0.01  "
+          f"load {load()}", flush=True)
+    return comparison_row("RNN", path, training, static, dynamic, None)
+
+
+def print_comparison(args, rnnme: Config, rows: list[str]) -> None:
+    print(f"\n{args.corpus} test, H={rnnme.hidden}, {rnnme.classes} classes, BPTT {rnnme.bptt}; RNNME = --direct "
+          f"{rnnme.direct:g} --direct-order {rnnme.direct_order} --direct-l2 {rnnme.direct_l2:g} "
+          f"--direct-rate {rnnme.direct_rate:g}; trained with {args.threads} threads")
+    rate = args.dynamic_direct_rate if args.dynamic_direct_rate is not None else "-"
+    print(f"| model | static | dynamic 0.01 | dynamic 0.01, direct weights at {rate} × 0.01 | "
+          "training minutes | epochs | train words/s | model file MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows), flush=True)
 
 
 def recipe(args) -> None:
@@ -151,17 +174,7 @@ def recipe(args) -> None:
     out = Path(args.out)
     print(f"{args.corpus}: {len(train_words):,} training words, {len(test_words):,} test words; "
           f"{os.cpu_count()} CPUs, load {load()}", flush=True)
-    plain_row = None
-    if args.compare_plain:
-        plain, plain_path, plain_training = trained_or_loaded(args, train_words, valid_words, {}, args.plain_model,
-                                                              out.with_name(f"{out.stem}-plain.pt"))
-        print(f"plain model: {json.dumps(plain.describe())}", flush=True)
-        plain_static = evaluate(plain, test_words)
-        plain_dynamic = evaluate(plain, test_words, DYNAMIC, weights=plain.weights.copy())
-        print(f"plain network: test perplexity {plain_static.perplexity:.2f} static, {plain_dynamic.perplexity:.2f} "
-              f"dynamic 0.01  load {load()}", flush=True)
-        plain_row = comparison_row("RNN", plain, plain_path, plain_training, plain_static, plain_dynamic, None)
-        del plain
+    plain_row = plain_network_row(args, train_words, valid_words, test_words, out) if args.compare_plain else None
     setting = {"direct": args.direct, "direct_order": args.direct_order, "direct_l2": args.direct_l2,
                "direct_rate": args.direct_rate}
     model, out, training = trained_or_loaded(args, train_words, valid_words, setting, args.model, out)
@@ -199,15 +212,7 @@ def recipe(args) -> None:
     print(f"RSS: {base:.0f} MB with the model loaded; {rss:.0f} MB with 16 adapted copies of the weights "
           f"({model.weights.D.nbytes / 2**20:.0f} MB of direct weights in the model, copied block by block)", flush=True)
     if plain_row:
-        print(f"\n{args.corpus} test, H=200, 100 classes, BPTT 4, {args.threads} threads; "
-              f"RNNME = --direct {args.direct:g} --direct-order {args.direct_order} --direct-l2 {args.direct_l2:g} "
-              f"--direct-rate {args.direct_rate:g}")
-        print("| model | static | dynamic 0.01 | dynamic 0.01, direct weights at "
-              f"{args.dynamic_direct_rate if args.dynamic_direct_rate is not None else '-'} × 0.01 | "
-              "training minutes | epochs | train words/s | model file MB |")
-        print("|---|---|---|---|---|---|---|---|")
-        print(plain_row)
-        print(comparison_row("RNNME", model, out, training, static, dynamic, tuned), flush=True)
+        print_comparison(args, model.config, [plain_row, comparison_row("RNNME", out, training, static, dynamic, tuned)])
 
 
 def main() -> None:
