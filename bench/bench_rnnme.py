@@ -1,15 +1,20 @@
-"""RNNME on the Penn Treebank: direct connections (hashed n-gram features) beside the network.
+"""RNNME: direct connections (hashed n-gram features) beside the network, on PTB or WikiText-2.
 
     .venv/bin/python bench/bench_rnnme.py ablation [--words 300000] [--runs none,10:3:0,...]
     .venv/bin/python bench/bench_rnnme.py recipe --direct 10 --direct-order 4 --direct-l2 1e-3 --direct-rate 0.5 \
         --dynamic-direct-rate 16 --kn5 kn5.arpa [--model m.pt]
+    .venv/bin/python bench/bench_rnnme.py recipe --corpus wikitext-2 --compare-plain --direct 100 ... \
+        [--valid-direct-rates 4,16,32]
 
 `ablation` trains short runs on the first --words words of the training text (H=200, 100 classes,
 BPTT 4, at most --epochs epochs) and reports validation perplexity, static and dynamic (0.01), with
 training words/s and the size of the model: one row per direct setting SIZE:ORDER:L2[:RATE]
 ("none" = the plain network). `recipe` trains on the whole text (or loads --model) and measures
 the targets on test: static, dynamic, dynamic + KN5 (0.75/0.25, through `rnnlm eval`), the online
-step on one thread, the model file, and the memory of 16 adapted copies. The daemon's RSS with
+step on one thread, the model file, and the memory of 16 adapted copies. `--compare-plain` first
+trains (or loads, --plain-model) the same network without direct connections and ends with one
+table of both; `--valid-direct-rates` scores validation dynamically with the direct weights online
+at each of these multiples of 0.01 (to choose one without looking at test). The daemon's RSS with
 adapted domains: `bench/bench_direct_blocks.py daemon --model M`.
 """
 
@@ -33,7 +38,14 @@ from rnnlm.train import train
 from rnnlm.vocab import Vocabulary
 
 REPO = Path(__file__).resolve().parent.parent
+DATA = REPO.parent / "shared" / "data"
 DYNAMIC = OnlineRule(lr=0.01)
+CORPORA = {"ptb": "ptb.", "wikitext-2": ""}  # corpus folder -> prefix of its train/valid/test.txt
+
+
+def corpus_file(args, split: str) -> Path:
+    folder = Path(args.data) if args.data else DATA / args.corpus
+    return folder / f"{CORPORA[args.corpus]}{split}.txt"
 
 
 def peak_rss_mb() -> float:
@@ -72,9 +84,9 @@ def train_model(train_words, valid_words, setting: dict, threads: int, max_epoch
     return model, report, (time.perf_counter() - start) / 60
 
 
-def ablation(args, data: Path) -> None:
-    train_words = read_tokens(data / "ptb.train.txt")[:args.words]
-    valid_words = read_tokens(data / "ptb.valid.txt")
+def ablation(args) -> None:
+    train_words = read_tokens(corpus_file(args, "train"))[:args.words]
+    valid_words = read_tokens(corpus_file(args, "valid"))
     print(f"ablation: first {len(train_words):,} training words, valid {len(valid_words):,}, "
           f"at most {args.epochs} epochs, {args.threads} threads; {os.cpu_count()} CPUs", flush=True)
     print("| direct (M) | order | L2 | rate | valid static | valid dynamic | epochs | train words/s | minutes | D MB | load |")
@@ -109,33 +121,77 @@ def adapted_domains_rss(model: RNNLM, words: list[str], domains: int, rule: Onli
     return rss_mb()
 
 
-def recipe(args, data: Path) -> None:
-    train_words = read_tokens(data / "ptb.train.txt")
-    valid_words = read_tokens(data / "ptb.valid.txt")
-    test_words = read_tokens(data / "ptb.test.txt")
-    out = Path(args.out)
-    print(f"PTB: {len(train_words):,} training words, {len(test_words):,} test words; {os.cpu_count()} CPUs, "
+def trained_or_loaded(args, train_words, valid_words, setting: dict, load_path: str | None, out: Path):
+    """(model, its file, training row fields) — the fields are None for a model loaded from a file."""
+    if load_path:
+        print(f"model {load_path} (not trained in this run)", flush=True)
+        return load_model(load_path), Path(load_path), None
+    model, report, minutes = train_model(train_words, valid_words, setting, args.threads, 20, args.seed, True)
+    save_model(model, out)
+    print(f"trained: {len(report.epochs)} epochs in {minutes:.2f} min wall, {report.words_per_sec:,.0f} words/s "
+          f"with {args.threads} threads, peak RSS {peak_rss_mb():.0f} MB; saved {out}", flush=True)
+    return model, out, {"minutes": minutes, "epochs": len(report.epochs), "words_per_sec": report.words_per_sec}
+
+
+def dynamic_with_direct_rate(model: RNNLM, words: list[str], direct_rate: float):
+    return evaluate(model, words, OnlineRule(lr=0.01, direct_rate=direct_rate), weights=model.weights.copy())
+
+
+def comparison_row(name: str, path: Path, training: dict | None, static, dynamic, tuned) -> str:
+    train_cells = (f"{training['minutes']:.1f} | {training['epochs']} | {training['words_per_sec']:,.0f}"
+                   if training else "- | - | -")
+    return (f"| {name} | {static.perplexity:.2f} | {dynamic.perplexity:.2f} | "
+            f"{f'{tuned.perplexity:.2f}' if tuned else '-'} | {train_cells} | {path.stat().st_size / 2**20:.1f} |")
+
+
+def plain_network_row(args, train_words, valid_words, test_words, out: Path) -> str:
+    """Train (or load) the same network without direct connections; its row of the comparison."""
+    plain, path, training = trained_or_loaded(args, train_words, valid_words, {}, args.plain_model,
+                                              out.with_name(f"{out.stem}-plain.pt"))
+    print(f"plain model: {json.dumps(plain.describe())}", flush=True)
+    static = evaluate(plain, test_words)
+    dynamic = evaluate(plain, test_words, DYNAMIC, weights=plain.weights.copy())
+    print(f"plain network: test perplexity {static.perplexity:.2f} static, {dynamic.perplexity:.2f} dynamic 0.01  "
           f"load {load()}", flush=True)
-    if args.model:
-        model = load_model(args.model)
-        out = Path(args.model)
-        print(f"model {args.model} (not trained in this run)")
-    else:
-        setting = {"direct": args.direct, "direct_order": args.direct_order, "direct_l2": args.direct_l2,
-                   "direct_rate": args.direct_rate}
-        model, report, minutes = train_model(train_words, valid_words, setting, args.threads, 20, args.seed, True)
-        save_model(model, out)
-        print(f"trained: {len(report.epochs)} epochs in {minutes:.2f} min wall, {report.words_per_sec:,.0f} words/s "
-              f"with {args.threads} threads, peak RSS {peak_rss_mb():.0f} MB; saved {out}", flush=True)
+    return comparison_row("RNN", path, training, static, dynamic, None)
+
+
+def print_comparison(args, rnnme: Config, rows: list[str]) -> None:
+    print(f"\n{args.corpus} test, H={rnnme.hidden}, {rnnme.classes} classes, BPTT {rnnme.bptt}; RNNME = --direct "
+          f"{rnnme.direct:g} --direct-order {rnnme.direct_order} --direct-l2 {rnnme.direct_l2:g} "
+          f"--direct-rate {rnnme.direct_rate:g}; trained with {args.threads} threads")
+    rate = args.dynamic_direct_rate if args.dynamic_direct_rate is not None else "-"
+    print(f"| model | static | dynamic 0.01 | dynamic 0.01, direct weights at {rate} × 0.01 | "
+          "training minutes | epochs | train words/s | model file MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows), flush=True)
+
+
+def recipe(args) -> None:
+    train_words = read_tokens(corpus_file(args, "train"))
+    valid_words = read_tokens(corpus_file(args, "valid"))
+    test_words = read_tokens(corpus_file(args, "test"))
+    out = Path(args.out)
+    print(f"{args.corpus}: {len(train_words):,} training words, {len(test_words):,} test words; "
+          f"{os.cpu_count()} CPUs, load {load()}", flush=True)
+    plain_row = plain_network_row(args, train_words, valid_words, test_words, out) if args.compare_plain else None
+    setting = {"direct": args.direct, "direct_order": args.direct_order, "direct_l2": args.direct_l2,
+               "direct_rate": args.direct_rate}
+    model, out, training = trained_or_loaded(args, train_words, valid_words, setting, args.model, out)
     print(f"model: {json.dumps(model.describe())}; file {out.stat().st_size / 2**20:.1f} MB")
+    for rate in args.valid_direct_rates:
+        tally = dynamic_with_direct_rate(model, valid_words, rate)
+        print(f"validation, dynamic 0.01, direct weights at {rate} × 0.01: perplexity {tally.perplexity:.2f}  "
+              f"load {load()}", flush=True)
     static = evaluate(model, test_words)
     print(f"static test perplexity {static.perplexity:.2f}  load {load()}", flush=True)
     dynamic = evaluate(model, test_words, DYNAMIC, weights=model.weights.copy())
     print(f"dynamic 0.01 test perplexity {dynamic.perplexity:.2f}, online step {dynamic.words_per_sec:,.0f} words/s "
           f"(one thread)  load {load()}", flush=True)
     online = OnlineRule(lr=0.01, direct_rate=args.dynamic_direct_rate)
+    tuned = None
     if args.dynamic_direct_rate is not None:
-        tuned = evaluate(model, test_words, online, weights=model.weights.copy())
+        tuned = dynamic_with_direct_rate(model, test_words, args.dynamic_direct_rate)
         print(f"dynamic 0.01, direct weights at {args.dynamic_direct_rate} × 0.01: test perplexity "
               f"{tuned.perplexity:.2f}, {tuned.words_per_sec:,.0f} words/s  load {load()}", flush=True)
     plain = RNNLM(replace(model.config, direct=0.0), model.vocab, Weights(**{n: getattr(model.weights, n) for n in Weights.NAMES}))
@@ -145,7 +201,7 @@ def recipe(args, data: Path) -> None:
           f"{without.words_per_sec:,.0f} words/s for the same network without them (perplexity {without.perplexity:.2f})",
           flush=True)
     if args.kn5:
-        test = data / "ptb.test.txt"
+        test = corpus_file(args, "test")
         rate = [] if args.dynamic_direct_rate is None else ["--dynamic-direct-rate", str(args.dynamic_direct_rate)]
         for extra in ([], ["--dynamic", "0.01", *rate]):
             result = eval_cli(out, test, ["--ngram", args.kn5, *extra])
@@ -155,12 +211,15 @@ def recipe(args, data: Path) -> None:
     rss = adapted_domains_rss(model, test_words, 16, online)
     print(f"RSS: {base:.0f} MB with the model loaded; {rss:.0f} MB with 16 adapted copies of the weights "
           f"({model.weights.D.nbytes / 2**20:.0f} MB of direct weights in the model, copied block by block)", flush=True)
+    if plain_row:
+        print_comparison(args, model.config, [plain_row, comparison_row("RNNME", out, training, static, dynamic, tuned)])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", choices=["ablation", "recipe"])
-    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "ptb"))
+    parser.add_argument("--corpus", choices=sorted(CORPORA), default="ptb")
+    parser.add_argument("--data", default=None, help="the corpus' folder (default: shared/data/CORPUS)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--verbose", action="store_true")
@@ -174,10 +233,15 @@ def main() -> None:
     parser.add_argument("--dynamic-direct-rate", type=float, default=None,
                         help="recipe: also measure dynamic with the direct weights at this multiple of 0.01")
     parser.add_argument("--model", default=None, help="recipe: measure this model instead of training one")
+    parser.add_argument("--compare-plain", action="store_true",
+                        help="recipe: also train and measure the network without direct connections; one table of both")
+    parser.add_argument("--plain-model", default=None, help="recipe --compare-plain: load this plain model instead")
+    parser.add_argument("--valid-direct-rates", type=lambda text: [float(r) for r in text.split(",")], default=[],
+                        help="recipe: validation perplexity, dynamic, with the direct weights at each multiple of 0.01")
     parser.add_argument("--out", default=str(REPO / "runs" / "bench-rnnme.pt"))
     parser.add_argument("--kn5", default=None, help="recipe: ARPA file (rnnlm ngram build --order 5) to interpolate")
     args = parser.parse_args()
-    {"ablation": ablation, "recipe": recipe}[args.mode](args, Path(args.data))
+    {"ablation": ablation, "recipe": recipe}[args.mode](args)
 
 
 if __name__ == "__main__":
