@@ -23,7 +23,6 @@ one before.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from typing import Callable
 from rnnlm.checkpoint import VERSION, CheckpointError, read_checked, stacked_stream_states, write_atomic
 
 from .learner import STATE_FORMAT, Learner, base_model_of
+from .workers import lower_priority_of_this_thread
 
 log = logging.getLogger("rnnlm.daemon")
 
@@ -198,10 +198,7 @@ class StateStore:
         write.thread.start()
 
     def _write(self, write: Write) -> None:
-        try:  # on a busy machine the serving thread comes first (Linux: nice applies per thread)
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
-        except (OSError, AttributeError):
-            pass
+        lower_priority_of_this_thread(WRITER_NICE)  # on a busy machine serving and learning come first
         try:
             write_atomic(write.path, write.snapshot.complete())
         except BaseException as err:  # anything: the main thread reports it
