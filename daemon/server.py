@@ -878,7 +878,7 @@ class Server:
         """Stopping: hand every domain to its owner in the fleet without this member, so the others
         take them up at once when the fleet file drops it (or this member takes them back at restart)."""
         others = tuple(m for m in self.fleet.members if m.name != self.config.fleet_name)
-        if not others or not self.learner.domains:
+        if not others:
             return
         without_me = Fleet(others)
         self.give_away(sorted(self.learner.domains), without_me)
