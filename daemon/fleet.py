@@ -23,6 +23,8 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import zmq
+
 __all__ = ["Fleet", "FleetError", "Member", "moved_domains", "weight"]
 
 
@@ -116,11 +118,9 @@ class Forwarder:
 
     def __init__(self, ctx):
         self.ctx = ctx
-        self.sockets: dict[str, "zmq.Socket"] = {}
+        self.sockets: dict[str, zmq.Socket] = {}
 
     def send(self, endpoint: str, frame: bytes) -> bool:
-        import zmq
-
         socket = self.sockets.get(endpoint)
         if socket is None:
             socket = self.sockets[endpoint] = self.ctx.socket(zmq.DEALER)
@@ -135,8 +135,6 @@ class Forwarder:
 
     def drain(self) -> None:
         """Read and drop the owners' replies, so they do not pile up."""
-        import zmq
-
         for socket in self.sockets.values():
             while True:
                 try:

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from rnnlm.model import FROZEN, RNNLM, OnlineRule, Weights
+from rnnlm.model import FROZEN, RNNLM, Weights
 
 
 @dataclass

@@ -19,8 +19,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-
 from rnnlm.clients.client import Client, ReplyTimeout
 from rnnlm.daemon.fleet import Fleet, moved_domains
 from tests.daemon_helpers import Daemon
