@@ -32,12 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
-from rnnlm.checkpoint import load_model, save_model
 from rnnlm.clients.client import Client
 from rnnlm.corpus import read_lines
 from rnnlm.daemon.fleet import Fleet
 
-from bench_workers import ptb_sized_model, through_zmq
+from bench_workers import bench_model, through_zmq
 from daemon_process import start_daemon
 
 REPO = Path(__file__).resolve().parent.parent
@@ -197,12 +196,7 @@ def main() -> None:
           f"{len(lines)} messages per domain", flush=True)
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
-        model_file = Path(args.model) if args.model else tmp / "ptb200.pt"
-        if args.model:
-            model = load_model(model_file)
-        else:
-            model = ptb_sized_model(Path(args.data))
-            save_model(model, model_file)
+        model, model_file = bench_model(args.model, Path(args.data), tmp)
         print(f"model: {args.model or 'untrained, PTB vocabulary'}, H={model.config.hidden}, "
               f"{model.vocab.num_classes} classes; a domain's weights {sum(a.nbytes for a in model.weights.arrays().values()) / 2 ** 20:.1f} MB", flush=True)
         rows = []

@@ -45,6 +45,15 @@ def ptb_sized_model(data: Path) -> RNNLM:
     return RNNLM.create(Config(hidden=200, classes=100), vocab)
 
 
+def bench_model(given: str | None, data: Path, tmp: Path) -> tuple[RNNLM, Path]:
+    """The model a bench runs on, and its file: --model's, or an untrained PTB-sized one saved in tmp."""
+    if given:
+        return load_model(given), Path(given)
+    model, path = ptb_sized_model(data), tmp / "ptb200.pt"
+    save_model(model, path)
+    return model, path
+
+
 def in_process(model: RNNLM, lines: list[str], threads: int) -> tuple[float, float]:
     """Words/s of two domains' messages scored by one thread in turn, or by two threads at once,
     and the process's CPU seconds per wall second meanwhile (above 1: the threads ran at once,
@@ -158,12 +167,7 @@ def main() -> None:
           f"{sum(len(line.split()) + 1 for line in lines):,} words", flush=True)
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
-        model_file = Path(args.model) if args.model else tmp / "ptb200.pt"
-        if args.model:
-            model = load_model(model_file)
-        else:
-            model = ptb_sized_model(data)
-            save_model(model, model_file)
+        model, model_file = bench_model(args.model, data, tmp)
         print(f"model: {args.model or 'untrained, PTB vocabulary'}, H={model.config.hidden}, "
               f"{model.vocab.num_classes} classes", flush=True)
         (solo, solo_cpu), (pair, pair_cpu) = in_process(model, lines, 1), in_process(model, lines, 2)

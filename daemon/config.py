@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass
@@ -75,5 +76,10 @@ class ServeConfig:
     def state_directory(self) -> str | None:
         """Where this daemon's checkpoints go: --state-dir, or in a fleet store its member's folder."""
         if self.fleet_store is not None:
-            return os.path.join(self.fleet_store, self.fleet_name)
+            return str(member_state_dir(self.fleet_store, self.fleet_name))
         return self.state_dir
+
+
+def member_state_dir(fleet_store: str | os.PathLike, member: str) -> Path:
+    """Where a fleet member keeps its checkpoints, for itself and for the others (handoff.py)."""
+    return Path(fleet_store) / member

@@ -41,6 +41,7 @@ import torch
 from rnnlm.atomic import write_text_atomic
 from rnnlm.checkpoint import VERSION, CheckpointError, read_checked, write_atomic
 
+from .config import member_state_dir
 from .fleet import Fleet
 from .learner import STATE_FORMAT, Learner
 
@@ -103,8 +104,6 @@ class Handoffs:
     def done_dir(self) -> Path:
         return self.store / "done"
 
-    def state_dir(self, member: str) -> Path:
-        return self.store / member
 
     # --- a fleet change ------------------------------------------------------------------------
 
@@ -236,7 +235,7 @@ class Handoffs:
 
     def newest_checkpoint(self, member: str) -> tuple[dict, Path] | None:
         """The newest readable checkpoint of a member, as resume reads its own."""
-        for path in sorted(self.state_dir(member).glob("state-*.pt"), reverse=True):
+        for path in sorted(member_state_dir(self.store, member).glob("state-*.pt"), reverse=True):
             try:
                 return read_checked(path, STATE_FORMAT), path
             except Exception as err:
