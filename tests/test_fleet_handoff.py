@@ -28,6 +28,7 @@ DOMAINS = [f"p{i}" for i in range(8)]  # moved by every change below, to and fro
 MESSAGES = 70  # per domain
 LINES = toy_text(200, seed=11)
 CHECKPOINT_TOKENS = 60
+AFTER_THE_KILL = 10  # messages of each domain held back until a member has been killed
 
 
 def fleet_text(tmp: Path, names) -> str:
@@ -57,6 +58,8 @@ class DomainStream(threading.Thread):
             i = 0
             while i < MESSAGES:
                 assert time.monotonic() < deadline, f"{self.domain}: stuck at message {i}"
+                if i == MESSAGES - AFTER_THE_KILL:
+                    self.progress.killed.wait(120)  # some of every domain's messages come after the kill
                 try:
                     reply = client.request("score", check=False, domain=self.domain, stream="s",
                                            text=self.texts[i], seq=i + 1)
@@ -83,6 +86,7 @@ class Progress:
     def __init__(self):
         self.count = 0
         self.lock = threading.Lock()
+        self.killed = threading.Event()
 
     def add(self) -> None:
         with self.lock:
@@ -156,6 +160,7 @@ def test_join_leave_and_kill_lose_nothing_and_apply_nothing_twice(tmp_path, mode
         taken_by_gamma = gamma.metric("rnnlm_handoffs_total", direction="taken")
         gamma.stop(signal.SIGKILL)
         reload(fleet_file, fleet_text(tmp_path, ["alpha"]), [members["alpha"]])
+        progress.killed.set()
 
         for s in streams:
             s.join(180)
