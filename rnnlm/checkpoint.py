@@ -240,6 +240,8 @@ def _check_direct(config: Config, vocab: Vocabulary, where: str) -> None:
         return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
     if not all(number(getattr(config, name)) for name in ("direct", "direct_l2", "direct_rate")):
         raise CheckpointError(f"{where}: direct settings are not finite non-negative numbers")
+    if not number(config.dense_rate):
+        raise CheckpointError(f"{where}: dense rate {config.dense_rate!r} is not a finite non-negative number")
     order = config.direct_order
     if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= MAX_DIRECT_ORDER:
         raise CheckpointError(f"{where}: direct order {order!r} is not an integer from 1 to {MAX_DIRECT_ORDER}")

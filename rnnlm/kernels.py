@@ -184,8 +184,8 @@ def softmax_rows_backward(M, lo, hi, s, target, p, lr, beta, ds, D, table, pool,
 
 
 @jit
-def backprop_through_time(U, W, hidden, inputs, errors, steps, lr, beta, dz):
-    """Propagate the errors waiting in the window back `steps` steps, then update W and U.
+def backprop_through_time(U, W, hidden, inputs, errors, steps, lr, dense_lr, beta, dz):
+    """Propagate the errors waiting in the window back `steps` steps, then update W (at dense_lr) and U (at lr).
 
     Window slot k holds s(k) and the word that was its input; errors[k] is d ln P / d s(k).
     W's gradient is Σ_k dz(k) ⊗ s(k-1); it is applied once at the end, row by row, because the
@@ -207,13 +207,13 @@ def backprop_through_time(U, W, hidden, inputs, errors, steps, lr, beta, dz):
                 g = dz[k, j]
                 for i in range(H):
                     errors[k - 1, i] += g * W[j, i]
-    decay = 1.0 - lr * beta
+    decay = 1.0 - dense_lr * beta
     for j in range(H):
         if beta > 0.0:
             for i in range(H):
                 W[j, i] *= decay
         for k in range(lowest, K + 1):
-            g = lr * dz[k, j]
+            g = dense_lr * dz[k, j]
             for i in range(H):
                 W[j, i] += g * hidden[k - 1, i]
 
@@ -231,7 +231,7 @@ def slide_window(hidden, inputs, errors):
 @jit
 def sgd_pass(U, W, V, X, D, D_table, D_pool, D_used, class_of, class_start, class_end,
              hidden, inputs, errors, meta,
-             targets, lr, beta, d_lr, d_beta, order, bptt, block, learn, out_logp):
+             targets, lr, dense_lr, beta, d_lr, d_beta, order, bptt, block, learn, out_logp):
     """Score each target with the current weights (ln P into out_logp), then learn from it.
 
     hidden/inputs/errors/meta are one stream's state (see model.StreamState); they carry the
@@ -240,6 +240,7 @@ def sgd_pass(U, W, V, X, D, D_table, D_pool, D_used, class_of, class_start, clas
     A domain's copy of D passes the base's D with its block table, pool and pool counter
     (rnnlm/direct.py); a model's own D passes an empty table and is read and written in place.
     Returns how many words were learned from; a word whose ln P is not finite is not.
+    The dense layers, W and the class layer X, learn at dense_lr; U and V at lr.
     """
     K = hidden.shape[0] - 1
     H = W.shape[0]
@@ -272,7 +273,7 @@ def sgd_pass(U, W, V, X, D, D_table, D_pool, D_used, class_of, class_start, clas
             continue
         learned += 1
         ds[:] = 0.0
-        softmax_rows_backward(X, 0, C, s, c, p_class, lr, beta, ds, D, D_table, D_pool, D_used, class_bases,
+        softmax_rows_backward(X, 0, C, s, c, p_class, dense_lr, beta, ds, D, D_table, D_pool, D_used, class_bases,
                               features, d_lr, d_beta)
         softmax_rows_backward(V, lo, hi, s, target, p_word, lr, beta, ds, D, D_table, D_pool, D_used, word_bases,
                               features, d_lr, d_beta)
@@ -281,6 +282,6 @@ def sgd_pass(U, W, V, X, D, D_table, D_pool, D_used, class_of, class_start, clas
         meta[PENDING] += 1
         if meta[PENDING] >= block:
             steps = min(bptt + meta[PENDING], meta[FILLED])
-            backprop_through_time(U, W, hidden, inputs, errors, steps, lr, beta, dz)
+            backprop_through_time(U, W, hidden, inputs, errors, steps, lr, dense_lr, beta, dz)
             meta[PENDING] = 0
     return learned

@@ -30,6 +30,7 @@ class Config:
     max_epochs: int = 20
     seed: int = 1
     init_std: float = 0.1  # Gaussian init; the toolkit's sum of three U(-0.1, 0.1) has std 0.1
+    dense_rate: float = 1.0  # in training, W and X learn at this multiple of the rate (the dynamic model: always 1)
     # Direct connections (RNNME): hashed n-gram features straight to the outputs; 0 = off.
     direct: float = 0.0  # millions of weights in the hash array (the toolkit's -direct)
     direct_order: int = 3  # features of the last 0..order-1 words (the toolkit's -direct-order)
@@ -52,6 +53,8 @@ class Config:
         if not self.direct_size:  # a model without direct connections is written as before they existed
             for name in self.DIRECT_FIELDS:
                 del state[name]
+        if self.dense_rate == 1.0:  # likewise a model trained at the paper's one rate
+            del state["dense_rate"]
         return state
 
     @classmethod
@@ -165,6 +168,7 @@ class OnlineRule:
     l2: float = 0.0
     direct_l2: float = 0.0  # L2 of the direct weights (Config.direct_l2 in training)
     direct_rate: float | None = None  # the direct weights' rate as a multiple of lr; None: the model's (Config.direct_rate)
+    dense_rate: float = 1.0  # W and X learn at this multiple of lr (training's Config.dense_rate)
     bptt: int = 1
     block: int = 1
     learn: bool = True
@@ -234,7 +238,7 @@ class RNNLM:
         table, pool, used = (own.table, own.pool, own.used) if own is not None else (direct.NO_TABLE, direct.NO_POOL, direct.NO_USED)
         return kernels.sgd_pass(w.U, w.W, w.V, w.X, w.D, table, pool, used, v.class_of, v.class_start, v.class_end,
                                 state.hidden, state.inputs, state.errors, state.meta,
-                                ids, np.float32(rule.lr), np.float32(rule.l2),
+                                ids, np.float32(rule.lr), np.float32(rule.lr * rule.dense_rate), np.float32(rule.l2),
                                 np.float32(rule.lr * (cfg.direct_rate if rule.direct_rate is None else rule.direct_rate)),
                                 np.float32(rule.direct_l2), cfg.direct_features,
                                 rule.bptt, rule.block, rule.learn, out)

@@ -82,9 +82,14 @@ def training_payload(trainer: Trainer, text: str, world_size: int, runs: list[di
     }
 
 
+RESUMABLE_WITH_OTHER = ("max_epochs", "dense_rate")  # the dense rate's default follows the number of ranks
+
+
 def same_options(saved: dict, given: dict) -> bool:
-    """A run may be resumed with another --max-epochs; every other option must be the same."""
-    return {k: v for k, v in saved.items() if k != "max_epochs"} == {k: v for k, v in given.items() if k != "max_epochs"}
+    """A run may be resumed with another --max-epochs or --dense-rate; every other option must be the same."""
+    def fixed(options: dict) -> dict:
+        return {k: v for k, v in options.items() if k not in RESUMABLE_WITH_OTHER}
+    return fixed(saved) == fixed(given)
 
 
 def save_training(path: str | Path, payload: dict) -> None:

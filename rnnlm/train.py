@@ -213,7 +213,8 @@ class Trainer:
 
     def start_epoch(self) -> None:
         cfg = self.model.config
-        rule = OnlineRule(lr=self.schedule.lr, l2=cfg.l2, direct_l2=cfg.direct_l2, bptt=cfg.bptt, block=cfg.bptt_block)
+        rule = OnlineRule(lr=self.schedule.lr, l2=cfg.l2, direct_l2=cfg.direct_l2, dense_rate=cfg.dense_rate,
+                          bptt=cfg.bptt, block=cfg.bptt_block)
         self.epoch_start = self.model.weights.copy()
         self.run = EpochRun(self.model, self.ids, rule, self.threads)
 

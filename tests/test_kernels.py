@@ -47,6 +47,23 @@ def test_plain_backprop_step_matches_autograd():
         np.testing.assert_allclose(array, want, atol=2e-6, err_msg=name)
 
 
+def test_the_dense_layers_learn_at_their_own_rate_and_the_word_rows_at_the_rate():
+    """OnlineRule.dense_rate (training's --dense-rate) scales the steps of W and X only."""
+    model = small_model()
+    before = model.weights.copy()
+    lr, dense_rate = 0.3, 0.25
+    targets = np.array([model.vocab.index["c"]], dtype=np.int32)
+    model.step(targets, model.new_state(), OnlineRule(lr=lr, bptt=0, dense_rate=dense_rate))
+
+    w = as_torch(before)
+    s1 = torch.sigmoid(w["U"][model.vocab.eos_id] + w["W"] @ torch.full((6,), 0.1, dtype=torch.float64))
+    reference_logprob(w, s1, int(targets[0]), model.vocab).backward()
+    for name, array in model.weights.arrays().items():
+        rate = lr * dense_rate if name in ("W", "X") else lr
+        want = w[name].detach().numpy() + rate * w[name].grad.numpy()
+        np.testing.assert_allclose(array, want, atol=2e-6, err_msg=name)
+
+
 def test_truncated_bptt_block_matches_autograd():
     """Three words, one block: output weights step after each word; W and U once, through all three."""
     model = small_model()
