@@ -108,7 +108,7 @@ def speed(args) -> None:
     a rank's words/s counts its time in merges. With --evaluate, test perplexity of each model after
     those epochs (static / dynamic 0.01). --lines: train on the text's first lines only (quick)."""
     print(f"# speed, {args.corpus}{f', first {args.lines:,} lines' if args.lines else ''}, {args.epochs} epoch(s), "
-          f"H=200, 100 classes, BPTT 4; merge {args.merge} every {args.sync_words} words/rank")
+          f"H=200, 100 classes, BPTT 4; merge {args.merge} every {args.sync_words} / {args.sync_all_words or 'default'} words/rank")
     rates: dict[int, list[float]] = {ranks: [] for ranks in (1, *args.ranks)}
     with tempfile.TemporaryDirectory() as tmp:
         train = first_lines(args.corpus, args.lines, tmp) if args.lines else None
@@ -117,6 +117,8 @@ def speed(args) -> None:
                 before = uptime()
                 model = Path(tmp) / "m.pt"
                 extra = ["--max-epochs", str(args.epochs), "--sync-words", str(args.sync_words), "--merge", args.merge]
+                if args.sync_all_words:
+                    extra += ["--sync-all-words", str(args.sync_all_words)]
                 out, seconds, _ = run_measured(train_command(ranks, args.corpus, model, 1, extra, train))
                 epochs = json.loads(out)["history"]  # training words/s, validation left out; every epoch has the same words
                 rates[ranks].append(len(epochs) / sum(1 / e["train_words_per_sec"] for e in epochs))
@@ -135,6 +137,10 @@ def speed(args) -> None:
 def quality(args) -> None:
     """A whole training run, then test perplexity static and dynamic (α 0.01)."""
     extra = ["--sync-words", str(args.sync_words), "--merge", args.merge, "--seed", str(args.seed)]
+    if args.sync_all_words:
+        extra += ["--sync-all-words", str(args.sync_all_words)]
+    if args.dense_rate:
+        extra += ["--dense-rate", str(args.dense_rate)]
     if args.max_epochs:
         extra += ["--max-epochs", str(args.max_epochs)]
     if args.lr:
@@ -148,8 +154,8 @@ def quality(args) -> None:
         static = evaluate(model, args.corpus, None)
         dynamic = evaluate(model, args.corpus, 0.01)
     valid = " ".join(f"{h['valid_perplexity']:.1f}" for h in summary["history"])
-    print(f"{args.corpus} {args.ranks} rank(s) × {args.threads} thread(s), merge {args.merge} every {args.sync_words} "
-          f"words/rank, lr {args.lr or 0.1}, seed {args.seed}: test {static:.1f} static / {dynamic:.1f} dynamic; "
+    print(f"{args.corpus} {args.ranks} rank(s) × {args.threads} thread(s), merge {args.merge} every {args.sync_words} / "
+          f"{args.sync_all_words or 'default'} words/rank, dense rate {args.dense_rate or 'default'}, lr {args.lr or 0.1}, seed {args.seed}: test {static:.1f} static / {dynamic:.1f} dynamic; "
           f"{summary['epochs']} epochs in {seconds / 60:.2f} min wall ({summary['words_per_sec']:,.0f} words/s); "
           f"peak RSS per rank: {', '.join(f'{r} {kb / 1024:.0f} MB' for r, kb in sorted(rss.items()))}")
     print(f"  valid per epoch: {valid}")
@@ -162,7 +168,6 @@ SIZES = (1 << 20, PTB_FLOATS, 1 << 24, 1 << 26)
 
 def allreduce_rank(args) -> None:
     """One rank: time all_reduce of float32 buffers of each size (median of --repeat)."""
-    import numpy as np
     import torch
     import torch.distributed as dist
     dist.init_process_group("gloo")
@@ -179,33 +184,38 @@ def allreduce_rank(args) -> None:
         if dist.get_rank() == 0:
             print(f"  {floats:>11,} floats ({floats * 4 / 1e6:7.1f} MB): {median * 1e3:8.2f} ms median of {len(times)}, "
                   f"{floats * 4 / median / 1e9:5.2f} GB/s", flush=True)
-    # a whole merge at PTB size, as in training: between merges each rank changes W, X, all of V and the
-    # U rows of the words in its next --sync-words of PTB's text; pack, all_reduce, unpack (WeightMerger)
+    # merges at PTB size, as in training: between merges each rank changes W, X, the frequent words'
+    # rows of U and V (every --sync-words) or all rows (every --sync-all-words). A merge's own time
+    # (the rank waits for the sum of the previous one, adds it, sends its deltas) and a settle's (sends
+    # and waits for the sum), each median of --repeat.
     from rnnlm.corpus import read_tokens
-    from rnnlm.distributed import SYNC_WORDS, WeightMerger, all_reduce_sum
+    from rnnlm.distributed import FREQUENT_SHARE, WeightMerger, all_reduce_sum, frequent_rows, start_all_reduce
     from rnnlm.model import Weights
     from rnnlm.vocab import Vocabulary
     words = read_tokens(str(DATA / "ptb" / "ptb.train.txt"))
-    ids = Vocabulary.build(words, num_classes=100).encode(words)[0]
-    rank, size = dist.get_rank(), dist.get_world_size()
-    for by_rows in ((), ("U",)):
+    frequent = frequent_rows(Vocabulary.build(words, num_classes=100), FREQUENT_SHARE)
+    rank = dist.get_rank()
+    parts = {f"W, X and U, V rows 0-{frequent - 1}": {"U": slice(0, frequent), "W": slice(None), "V": slice(0, frequent), "X": slice(None)},
+             f"U, V rows {frequent}-9999": {"U": slice(frequent, None), "V": slice(frequent, None)}}
+    for label, rows in parts.items():
         weights = Weights.random(10_000, 200, 100, 0.1, seed=0)
-        merger = WeightMerger(weights, size, by_rows=by_rows)
-        times = []
+        merger = WeightMerger(weights, dist.get_world_size(), rows=rows)
+        timed = {"merge": [], "settle": []}
         for i in range(args.repeat + 2):
-            window = ids[(i * size + rank) * SYNC_WORDS:(i * size + rank + 1) * SYNC_WORDS]
-            weights.U[np.unique(window)] += 1e-4
-            for name in ("V", "W", "X"):
-                getattr(weights, name)[:] += 1e-4
+            for part in merger.parts(weights).values():
+                part += 1e-4
             dist.barrier()
             start = time.perf_counter()
-            merger.merge(weights, all_reduce_sum)
+            if i % 2:
+                merger.settle(weights, all_reduce_sum)
+            else:
+                merger.merge(weights, start_all_reduce)
             if i >= 2:
-                times.append(time.perf_counter() - start)
+                timed["settle" if i % 2 else "merge"].append(time.perf_counter() - start)
         if rank == 0:
-            how = "U by changed rows" if by_rows else "whole arrays"
-            print(f"  a merge of the PTB model after {SYNC_WORDS:,} words per rank, {how} (pack, all_reduce, unpack): "
-                  f"{sorted(times)[len(times) // 2] * 1e3:.2f} ms median of {len(times)}", flush=True)
+            floats = merger.flat.numel()
+            print(f"  {label} ({floats:,} floats): overlapped merge {sorted(timed['merge'])[len(timed['merge']) // 2] * 1e3:.2f} ms, "
+                  f"settle {sorted(timed['settle'])[len(timed['settle']) // 2] * 1e3:.2f} ms (medians)", flush=True)
     dist.destroy_process_group()
 
 
@@ -295,10 +305,12 @@ def project(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
+    from rnnlm.distributed import SYNC_WORDS
     p = sub.add_parser("speed")
     p.add_argument("--corpus", default="ptb")
     p.add_argument("--ranks", type=int, nargs="+", default=[2])
-    p.add_argument("--sync-words", type=int, default=1024)
+    p.add_argument("--sync-words", type=int, default=SYNC_WORDS)
+    p.add_argument("--sync-all-words", type=int, default=None, help="default: rnnlm train's")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--evaluate", action="store_true")
     p.add_argument("--lines", type=int, default=None)
@@ -309,7 +321,9 @@ def main() -> None:
     p.add_argument("--corpus", default="ptb")
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--sync-words", type=int, default=1024)
+    p.add_argument("--sync-words", type=int, default=SYNC_WORDS)
+    p.add_argument("--sync-all-words", type=int, default=None, help="default: rnnlm train's")
+    p.add_argument("--dense-rate", type=float, default=None, help="default: rnnlm train's")
     p.add_argument("--merge", default="sparse-sum")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--seed", type=int, default=1)

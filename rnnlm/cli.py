@@ -13,6 +13,7 @@ from rnnlm.daemon.config import ServeConfig
 from .checkpoint import load_model, save_model
 from .cli_errors import BadValue, check_output_file, friendly_errors, option_error, progress_bar, say
 from .corpus import read_lines, read_tokens, tokenize_line
+from .distributed import SYNC_ALL_WORDS, SYNC_WORDS, default_dense_rate, default_sync_all_words
 from .evaluate import Tally, evaluate
 from .model import RNNLM, Config, OnlineRule
 from .vocab import Vocabulary
@@ -100,8 +101,10 @@ def main():
 @click.option("--direct-order", default=3, show_default=True, type=click.IntRange(1, 16), help="The direct features see the last 0..N-1 words.")
 @click.option("--direct-l2", default=0.0, show_default=True, type=click.FloatRange(0), help="L2 of the direct weights (their own; on small data it matters).")
 @click.option("--direct-rate", default=1.0, show_default=True, type=click.FloatRange(0, min_open=True), help="The direct weights learn at this multiple of α (in training and dynamically).")
+@click.option("--dense-rate", default=None, type=click.FloatRange(0, min_open=True), help="W and X learn at this multiple of α in training.  [default: 1; under torchrun, ranks/8 up to 1]")
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(1, 64), help="Hogwild training threads.")
-@click.option("--sync-words", default=1024, show_default=True, type=click.IntRange(1), help="Under torchrun: words per rank between merges of the ranks' weights.")
+@click.option("--sync-words", default=SYNC_WORDS, show_default=True, type=click.IntRange(1), help="Under torchrun: words per rank between merges of W, X and the frequent words' rows.")
+@click.option("--sync-all-words", default=None, type=click.IntRange(1), help=f"Under torchrun: words per rank between merges of all the weights, at least --sync-words.  [default: {SYNC_ALL_WORDS:,} / ranks]")
 @click.option("--merge", "merge_rule", default="sparse-sum", show_default=True, type=click.Choice(["sparse-sum", "mean"]), help="Under torchrun: average W and X and keep every rank's U and V updates, or average all four.")
 @click.option("--checkpoint", default=None, type=click.Path(dir_okay=False), help="Training checkpoint file, written after every epoch (and every --checkpoint-words).")
 @click.option("--checkpoint-words", default=None, type=click.IntRange(1), help="Also checkpoint inside an epoch, every this many words per process.")
@@ -109,21 +112,28 @@ def main():
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @friendly_errors
 def train(train_file, valid_file, out, hidden, classes, class_rule, bptt, bptt_block, min_count, lr, l2, min_improvement,
-          max_epochs, seed, direct, direct_order, direct_l2, direct_rate, threads, sync_words, merge_rule, checkpoint, checkpoint_words, resume, as_json):
+          max_epochs, seed, direct, direct_order, direct_l2, direct_rate, dense_rate, threads, sync_words, sync_all_words, merge_rule, checkpoint, checkpoint_words, resume, as_json):
     """Train a model with SGD, truncated BPTT and the halving learning-rate schedule.
 
     Under torchrun (`torchrun --nproc-per-node N -m rnnlm train ...`) each process learns from its
-    part of the text and the processes merge their weights every --sync-words; rank 0 writes --out.
+    part of the text and the processes merge their weights as they go (--sync-words,
+    --sync-all-words); rank 0 writes --out.
     """
     from .distributed import Launch
 
     launch = Launch.from_environment()
-
+    if dense_rate is None:
+        dense_rate = default_dense_rate(launch.world_size)
+    if sync_all_words is None:
+        sync_all_words = default_sync_all_words(launch.world_size, sync_words)
+    if sync_all_words < sync_words:
+        raise click.BadParameter(f"{sync_all_words} is less than --sync-words {sync_words}", param_hint="--sync-all-words")
     check_output_file("--out", out)
     train_words, valid_words = read_tokens(train_file), read_tokens(valid_file)
     config = Config(hidden=hidden, classes=classes, bptt=bptt, bptt_block=bptt_block, min_count=min_count,
                     lr=lr, l2=l2, min_improvement=min_improvement, max_epochs=max_epochs, seed=seed,
-                    direct=direct, direct_order=direct_order, direct_l2=direct_l2, direct_rate=direct_rate)
+                    direct=direct, direct_order=direct_order, direct_l2=direct_l2, direct_rate=direct_rate,
+                    dense_rate=dense_rate)
     vocab = Vocabulary.build(train_words, min_count, classes, class_rule)
     try:
         model = RNNLM.create(config, vocab)
@@ -143,7 +153,7 @@ def train(train_file, valid_file, out, hidden, classes, class_rule, bptt, bptt_b
 
     try:
         report = launch.train(model, train_words, valid_words, threads, bar, on_epoch, sync_words=sync_words,
-                              merge_rule=merge_rule, checkpoint=checkpoint, checkpoint_words=checkpoint_words,
+                              sync_all_words=sync_all_words, merge_rule=merge_rule, checkpoint=checkpoint, checkpoint_words=checkpoint_words,
                               resume=resume)
     except KeyboardInterrupt:
         bar.close()

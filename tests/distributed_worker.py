@@ -11,32 +11,34 @@ import numpy as np
 import torch.distributed as dist
 
 from rnnlm.corpus import read_tokens
-from rnnlm.distributed import MERGE_RULES, Launch, WeightMerger, all_reduce_sum
+from rnnlm.distributed import MERGE_RULES, Launch, WeightMerger, all_reduce_sum, start_all_reduce
 from rnnlm.model import RNNLM, Config, Weights
 from rnnlm.vocab import Vocabulary
 
 
 def merge(out: Path) -> None:
-    """One merge by each rule of weights that differ by rank, through the real all_reduce."""
+    """Two overlapped merges and a settle by each rule, of weights that differ by rank, through the real all_reduce."""
     dist.init_process_group("gloo")
     for rule in MERGE_RULES:
-        merge_once(out, rule)
-        merge_once(out, rule, by_rows=("U",))
+        merge_twice(out, rule)
     dist.destroy_process_group()
 
 
-def merge_once(out: Path, rule: str, by_rows: tuple = ()) -> None:
+def merge_twice(out: Path, rule: str) -> None:
     rank, size = dist.get_rank(), dist.get_world_size()
     base = Weights.random(30, 6, 4, 0.1, seed=0)
     weights = base.copy()
-    merger = WeightMerger(weights, size, rule, by_rows=by_rows)
-    noise = Weights.random(30, 6, 4, 0.1, seed=100 + rank)
-    for name in Weights.NAMES:
-        getattr(weights, name)[rank::3] += getattr(noise, name)[rank::3]  # each rank moves some rows
-    before = weights.copy()
-    merger.merge(weights, all_reduce_sum)
-    np.savez(out / f"{rule}{'-by-rows' if by_rows else ''}-rank{rank}.npz", **{f"before_{n}": a for n, a in before.arrays().items()},
-             **{f"base_{n}": a for n, a in base.arrays().items()}, **weights.arrays())
+    merger = WeightMerger(weights, size, rule)
+    moved = {}
+    for round_ in range(2):
+        noise = Weights.random(30, 6, 4, 0.1, seed=100 + 10 * round_ + rank)
+        for name in Weights.NAMES:
+            getattr(weights, name)[rank:-2:3] += getattr(noise, name)[rank:-2:3]  # each rank moves some rows
+        moved.update({f"moved{round_}_{n}": a.copy() for n, a in weights.arrays().items()})
+        merger.merge(weights, start_all_reduce)
+    merger.settle(weights, all_reduce_sum)
+    np.savez(out / f"{rule}-rank{rank}.npz", **moved, **{f"base_{n}": a for n, a in base.arrays().items()},
+             **weights.arrays())
 
 
 def train(out: Path, train_file: str, valid_file: str, sync_words: str) -> None:

@@ -25,7 +25,8 @@ from rnnlm.resume import load_training
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 WORKER = ROOT / "tests" / "distributed_worker.py"
-TRAIN_OPTIONS = ["--hidden", "16", "--classes", "5", "--max-epochs", "4", "--threads", "1", "--sync-words", "500"]
+TRAIN_OPTIONS = ["--hidden", "16", "--classes", "5", "--max-epochs", "4", "--threads", "1", "--sync-words", "250",
+                 "--sync-all-words", "1000"]
 
 
 def markov_text(sentences: int, seed: int) -> list[str]:
@@ -107,51 +108,109 @@ def summing_group(ranks: int) -> list:
     return [reduce_for(r) for r in range(ranks)]
 
 
-def simulated_merge(rule: str, ranks: int, by_rows: tuple = ()) -> tuple[list[Weights], list[Weights], Weights]:
-    """Each rank moves some rows away from a common base; then all merge at once, as through gloo."""
+class Done:
+    def wait(self) -> None:
+        pass
+
+
+def move(weights: Weights, rank: int, round_: int) -> None:
+    """Rank `rank` moves every third row (a different third per rank); the last 2 rows: no rank."""
+    noise = Weights.random(30, 6, 4, 0.1, seed=100 + 10 * round_ + rank)
+    for name in Weights.NAMES:
+        getattr(weights, name)[rank:-2:3] += getattr(noise, name)[rank:-2:3]
+
+
+def simulated_merge(rule: str, ranks: int) -> tuple[list[list[Weights]], list[Weights], Weights]:
+    """Each rank moves some rows away from a common base, merges (the sum arrives later), moves
+    again, merges, and settles; as through gloo, each rank in its own thread. Returns each rank's
+    weights after each move, after the first merge, and the base."""
     base = Weights.random(30, 6, 4, 0.1, seed=0)
     weights = [base.copy() for _ in range(ranks)]
-    mergers = [WeightMerger(w, ranks, rule, by_rows=by_rows) for w in weights]
-    for r, w in enumerate(weights):
-        noise = Weights.random(30, 6, 4, 0.1, seed=100 + r)
-        for name in Weights.NAMES:
-            getattr(w, name)[r:-2:3] += getattr(noise, name)[r:-2:3]  # the last 2 rows: moved by no rank
-    before = [w.copy() for w in weights]
-    threads = [threading.Thread(target=m.merge, args=(w, reduce)) for m, w, reduce in
-               zip(mergers, weights, summing_group(ranks))]
+    moved = [[] for _ in range(ranks)]
+    after_first = [None] * ranks
+
+    def rank_(r: int, reduce) -> None:
+        merger = WeightMerger(weights[r], ranks, rule)
+        start = lambda tensor: (reduce(tensor), Done())[1]  # noqa: E731 (summed at once; waited for later)
+        for round_ in range(2):
+            move(weights[r], r, round_)
+            moved[r].append(weights[r].copy())
+            merger.merge(weights[r], start)
+            if round_ == 0:
+                after_first[r] = weights[r].copy()
+        merger.settle(weights[r], reduce)
+
+    threads = [threading.Thread(target=rank_, args=(r, reduce)) for r, reduce in enumerate(summing_group(ranks))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return before, weights, base
+    return moved, after_first, weights, base
 
 
-def expected_merge(rule: str, before: list[Weights], base: Weights) -> dict[str, np.ndarray]:
-    n = len(before)
+def expected_merge(rule: str, moved: list[list[Weights]], base: Weights) -> dict[str, np.ndarray]:
+    """base + each round's deltas of every rank: summed (U, V under sparse-sum) or averaged."""
+    n = len(moved)
     want = {}
     for name in Weights.NAMES:
-        own = [getattr(b, name).astype(np.float64) for b in before]
-        if rule == "sparse-sum" and name in ("U", "V"):
-            want[name] = getattr(base, name) + sum(o - getattr(base, name) for o in own)
-        else:
-            want[name] = sum(own) / n
+        total = getattr(base, name).astype(np.float64)
+        for round_ in range(len(moved[0])):
+            before = [getattr(base, name)] * n if round_ == 0 else [getattr(m[round_ - 1], name) for m in moved]
+            deltas = sum(getattr(m[round_], name).astype(np.float64) - b for m, b in zip(moved, before))
+            total = total + (deltas if rule == "sparse-sum" and name in ("U", "V") else deltas / n)
+        want[name] = total
     return want
 
 
-@pytest.mark.parametrize("by_rows", [(), ("U",)])
 @pytest.mark.parametrize("rule", ["sparse-sum", "mean"])
-def test_merging_keeps_every_ranks_sparse_updates_and_averages_the_dense_ones(rule, by_rows):
-    before, after, base = simulated_merge(rule, ranks=3, by_rows=by_rows)
-    want = expected_merge(rule, before, base)
+def test_merging_keeps_every_ranks_sparse_updates_and_averages_the_dense_ones(rule):
+    moved, after_first, after, base = simulated_merge(rule, ranks=3)
+    want = expected_merge(rule, moved, base)
     for name in Weights.NAMES:
         for w in after:
-            np.testing.assert_allclose(getattr(w, name), want[name], rtol=1e-6, atol=1e-6, err_msg=f"{rule} {name}")
+            assert np.array_equal(getattr(w, name), getattr(after[0], name)), name  # the same bits on every rank
+            np.testing.assert_allclose(getattr(w, name), want[name], rtol=1e-5, atol=1e-6, err_msg=f"{rule} {name}")
+    # the first merge's sum arrives at the next merge: until then a rank holds only its own moves
+    for r in range(3):
+        np.testing.assert_allclose(after_first[r].U, moved[r][0].U, rtol=1e-6, atol=1e-7)
     # a row only rank 0 moved keeps rank 0's whole update under sparse-sum, a third of it under mean
-    row = 3  # moved by rank 0 only (rows r::3)
-    moved = getattr(before[0], "U")[row] - base.U[row]
-    got = after[0].U[row] - base.U[row]
-    np.testing.assert_allclose(got, moved if rule == "sparse-sum" else moved / 3, rtol=1e-5, atol=1e-7)
+    row = 3
+    got, own = after[0].U[row] - base.U[row], moved[0][1].U[row] - base.U[row]
+    np.testing.assert_allclose(got, own if rule == "sparse-sum" else own / 3, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(after[0].U[-2:], base.U[-2:])  # rows nobody moved stay as they were
+
+
+def test_a_merger_of_some_rows_leaves_the_others_to_each_rank():
+    base = Weights.random(30, 6, 4, 0.1, seed=0)
+    weights = [base.copy() for _ in range(2)]
+    reduces = summing_group(2)
+
+    def rank_(r):
+        merger = WeightMerger(weights[r], 2, "sparse-sum", {"U": slice(0, 12), "W": slice(None)})
+        move(weights[r], r, 0)
+        merger.settle(weights[r], reduces[r])
+
+    threads = [threading.Thread(target=rank_, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert np.array_equal(weights[0].U[:12], weights[1].U[:12]) and np.array_equal(weights[0].W, weights[1].W)
+    assert not np.array_equal(weights[0].U[12:], weights[1].U[12:])  # not merged: each rank's own
+    assert not np.array_equal(weights[0].V, weights[1].V)
+
+
+def test_the_frequent_rows_end_at_a_class_boundary_and_cover_the_share():
+    from rnnlm.distributed import frequent_rows
+    from rnnlm.vocab import Vocabulary
+    words = [f"w{int(i)}" for i in np.random.default_rng(0).zipf(1.3, 20000) if i < 2000]
+    vocab = Vocabulary.build(words, num_classes=20)
+    rows = frequent_rows(vocab, 0.8)
+    assert rows in set(vocab.class_end.tolist())
+    assert sum(vocab.counts[:rows]) >= 0.8 * sum(vocab.counts)
+    previous = vocab.class_start[vocab.class_of[rows - 1]]
+    assert sum(vocab.counts[:previous]) < 0.8 * sum(vocab.counts)  # one class fewer would not cover it
+    assert frequent_rows(vocab, 1.0) == len(vocab)
 
 
 @pytest.fixture(scope="module")
@@ -161,16 +220,22 @@ def merged_through_gloo(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("rule", ["sparse-sum", "mean", "sparse-sum-by-rows", "mean-by-rows"])
+@pytest.mark.parametrize("rule", ["sparse-sum", "mean"])
 def test_a_merge_through_gloo_gives_every_rank_the_same_bits_and_the_expected_values(merged_through_gloo, rule):
     ranks = [np.load(merged_through_gloo / f"{rule}-rank{r}.npz") for r in range(2)]
-    rule = rule.removesuffix("-by-rows")
-    before = [Weights(*(r[f"before_{n}"] for n in Weights.NAMES)) for r in ranks]
+    moved = [[Weights(*(r[f"moved{k}_{n}"] for n in Weights.NAMES)) for k in range(2)] for r in ranks]
     base = Weights(*(ranks[0][f"base_{n}"] for n in Weights.NAMES))
-    want = expected_merge(rule, before, base)
+    want = expected_merge(rule, moved, base)
     for name in Weights.NAMES:
         assert np.array_equal(ranks[0][name], ranks[1][name]), name
         np.testing.assert_allclose(ranks[0][name], want[name], rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+def test_merging_all_rows_less_often_than_the_frequent_ones_is_the_only_order_accepted(tmp_path, corpus):
+    result = subprocess.run([str(BIN / "rnnlm"), *train_args(corpus, tmp_path / "m.pt"), "--sync-all-words", "100"],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 2 and "--sync-all-words" in result.stderr and "less than --sync-words 250" in result.stderr
+    assert not (tmp_path / "m.pt").exists()
 
 
 # --- training under torchrun -------------------------------------------------------------------------
@@ -211,6 +276,8 @@ def test_two_ranks_under_torchrun_learn_as_well_as_one_process(corpus, one_proce
     ppl_two, ppl_one = evaluate(two, test).perplexity, evaluate(one, test).perplexity
     assert ppl_one < 0.5 * len(one.vocab), ppl_one  # one process did learn
     assert ppl_two < 1.03 * ppl_one, (ppl_two, ppl_one)
+    # W and X learned at ranks/8 of α under torchrun (see default_dense_rate), at α alone; the file says so
+    assert (two.config.dense_rate, one.config.dense_rate) == (0.25, 1.0)
 
 
 # --- checkpoints and resume --------------------------------------------------------------------------
