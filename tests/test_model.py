@@ -248,3 +248,16 @@ def test_damaged_direct_weights_are_refused(tmp_path, damage):
     torch.save(payload, path)
     with pytest.raises(CheckpointError, match="direct|D"):
         load_model(path)
+
+
+@pytest.mark.parametrize("rate", ["fast", float("nan"), -0.5, True])
+def test_a_dense_rate_that_is_not_a_finite_non_negative_number_is_refused(tmp_path, rate):
+    model = RNNLM.create(Config(hidden=4, classes=2, dense_rate=0.25), Vocabulary.build("a b c d </s>".split(), 1, 2))
+    path = tmp_path / "m.pt"
+    save_model(model, path)
+    assert load_model(path).config.dense_rate == 0.25  # kept in the file
+    payload = torch.load(path, weights_only=True)
+    payload["config"]["dense_rate"] = rate
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="dense rate"):
+        load_model(path)
