@@ -294,15 +294,29 @@ def worker_pids(agent: int) -> dict[int, int]:
     return found
 
 
+def inside_an_epoch(checkpoint: Path) -> bool:
+    """The checkpoint exists and was taken inside an epoch (files are replaced whole: a read sees one)."""
+    return checkpoint.exists() and load_training(checkpoint)["runs"] is not None
+
+
 def kill_when_checkpointed(cmd: list[str], checkpoint: Path, victim) -> subprocess.CompletedProcess:
-    """Run `cmd`; once it has written a checkpoint, SIGKILL victim(pid of cmd) and let it go on."""
+    """Run `cmd`; once it has written a checkpoint inside an epoch, SIGKILL victim(pid of cmd) and
+    let it go on. The victim is stopped first and the checkpoint read again (a write under way
+    lands meanwhile), so that a slow poll cannot kill it after an epoch's end instead."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         deadline = time.monotonic() + 120
-        while not checkpoint.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
-            time.sleep(0.05)
-        os.kill(victim(proc.pid), signal.SIGKILL)
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint inside an epoch before the run ended"
+            if inside_an_epoch(checkpoint):
+                pid = victim(proc.pid)
+                os.kill(pid, signal.SIGSTOP)
+                time.sleep(0.2)
+                if inside_an_epoch(checkpoint):
+                    break
+                os.kill(pid, signal.SIGCONT)
+            time.sleep(0.02)
+        os.kill(pid, signal.SIGKILL)
         out, err = proc.communicate(timeout=180)
     finally:
         if proc.poll() is None:
